@@ -1,0 +1,31 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+NPROC  ?= 4
+
+.PHONY: demo test bench lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) examples/local_sgd_minimal.py --nproc 2
+
+test: $(STAMP)
+	$(PY) -m pytest -q --benchmark-disable
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-json=runs/bench.json \
+	  --benchmark-columns=min,median,mean,rounds --benchmark-sort=name
+	$(PY) benchmarks/report.py runs/bench.json
+
+lint: $(STAMP)
+	$(PY) -m ruff check local_opt samplers tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .benchmarks

@@ -1,0 +1,2 @@
+from local_opt.optimizer import LocalOptimizer  # noqa
+__all__ = ["LocalOptimizer"]
