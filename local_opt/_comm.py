@@ -64,47 +64,87 @@ def _unflatten_into(flat: Tensor, tensors: Sequence[Tensor]) -> None:
     torch._foreach_copy_([t.detach() for t in tensors], views)
 
 
-def all_reduce_mean(
-    tensors: Sequence[Tensor],
-    process_group: dist.ProcessGroup | None = None,
-    *,
-    check_finite: bool = False,
-) -> tuple[int, bool]:
-    r"""Replace every tensor by its mean over the process group, in place.
+def reduce_mean_packed(
+    tensors: Sequence[Tensor], process_group: dist.ProcessGroup | None = None
+) -> tuple[list[Tensor], list[list[Tensor]]]:
+    """Pack tensors into flat buffers per ``(device, dtype)`` and average them; nothing written back.
 
-    The tensors are packed into one flat buffer per ``(device, dtype)``, divided by the world size
-    and summed with one ``all_reduce`` per buffer — the same order of operations as torch's
-    ``average_parameters`` (divide, then SUM), so the result is bit-for-bit the same as torch's.
-
-    Args:
-        tensors: floating-point tensors (parameters, buffers, optimizer state).
-        process_group: the group to average over (default: the world group).
-        check_finite: when True, the reduced buffers are checked for NaN/Inf *before* anything is
-            written back. Every rank sees the same reduced values, so every rank takes the same
-            decision and nobody deadlocks.
-
-    Returns:
-        ``(bytes, finite)``: the payload each rank sent (sum of buffer sizes in bytes), and whether
-        the averages were finite. When ``check_finite`` and an average is not finite, nothing is
-        written back.
+    Returns the reduced buffers and the tensor groups they belong to, for :func:`unpack_into`.
     """
-    if not tensors:
-        return 0, True
-    ws = dist.get_world_size(process_group)
-    flats: list[Tensor] = []
     groups = _buckets(tensors)
-    for group in groups:
-        flat = _flatten(group)
+    flats = [_flatten(g) for g in groups]
+    mean_(flats, process_group)
+    return flats, groups
+
+
+def mean_(flats: Sequence[Tensor], process_group: dist.ProcessGroup | None = None) -> int:
+    r"""Average contiguous buffers over the group in place: divide by the world size, then SUM.
+
+    The same order of operations as torch's ``average_parameters``, so the result is bit-for-bit
+    the same as torch's. Returns the payload bytes this rank sent.
+    """
+    ws = dist.get_world_size(process_group)
+    for flat in flats:
         flat /= ws
-        flats.append(flat)
     for flat in flats:
         dist.all_reduce(flat, group=process_group)
-    nbytes = sum(f.numel() * f.element_size() for f in flats)
-    if check_finite and not all(bool(torch.isfinite(f).all()) for f in flats):
-        return nbytes, False
+    return sum(f.numel() * f.element_size() for f in flats)
+
+
+def all_finite(flats: Sequence[Tensor]) -> bool:
+    return all(bool(torch.isfinite(f).all()) for f in flats)
+
+
+@torch.no_grad()
+def unpack_into(flats: Sequence[Tensor], groups: Sequence[Sequence[Tensor]]) -> None:
     for flat, group in zip(flats, groups):
         _unflatten_into(flat, group)
-    return nbytes, True
+
+
+class FlatParams:
+    r"""Parameters re-homed as views of one contiguous buffer per ``(device, dtype)``.
+
+    torch's ``average_parameters`` packs the parameters into a new flat buffer at every call
+    (``torch.cat``) and leaves them as views of it. Keeping that layout between rounds lets a round
+    all-reduce the buffers in place with no packing and no copy back. If anything moved a
+    parameter's storage since (``module.to(...)``, ``p.data = ...``), :meth:`buffers` packs again.
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.params = list(params)
+        self._flats: list[Tensor] = []
+        self._layout: list[tuple[Tensor, Tensor, int]] = []  # (param, flat, element offset)
+
+    def _valid(self) -> bool:
+        if not self._flats:
+            return False
+        for p, flat, offset in self._layout:
+            if (
+                p.device != flat.device
+                or p.dtype != flat.dtype
+                or not p.is_contiguous()
+                or p.data_ptr() != flat.data_ptr() + offset * flat.element_size()
+            ):
+                return False
+        return True
+
+    @torch.no_grad()
+    def _pack(self) -> None:
+        self._flats, self._layout = [], []
+        for group in _buckets(self.params):
+            flat = _flatten(group)
+            offset = 0
+            for p in group:
+                p.data = flat[offset : offset + p.numel()].view_as(p)
+                self._layout.append((p, flat, offset))
+                offset += p.numel()
+            self._flats.append(flat)
+
+    def buffers(self) -> list[Tensor]:
+        """The flat buffers the parameters live in (packing them first when needed)."""
+        if not self._valid():
+            self._pack()
+        return self._flats
 
 
 def broadcast(

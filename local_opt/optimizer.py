@@ -145,6 +145,7 @@ class LocalOptimizer(Optimizer):
         if _comm.is_distributed(process_group):
             _comm.broadcast(self._params() + self._module_tensors(), 0, process_group)
 
+        self._flat: _comm.FlatParams | None = None  # parameters as views of flat buffers
         self._outer: Optimizer | None = None
         self._global: list[Tensor] = []
         if outer_optimizer is not None:
@@ -274,18 +275,7 @@ class LocalOptimizer(Optimizer):
         extra = self._module_tensors(floating_only=True) if self.average_buffers else []
         extra += self._state_tensors()
         if _comm.is_distributed(self.process_group):
-            nbytes, finite = _comm.all_reduce_mean(
-                params + extra, self.process_group, check_finite=True
-            )
-            self._bytes += nbytes
-            if not finite:
-                msg = (
-                    f"non-finite values in the model average at step {self._steps} "
-                    f"(round {self._num_syncs + 1}): a worker diverged"
-                )
-                if self.on_nonfinite == "raise":
-                    raise FloatingPointError(msg)
-                warnings.warn(msg + "; the round is skipped", RuntimeWarning, stacklevel=3)
+            if not self._average(params, extra):
                 return
         if self._outer is not None:
             for g, p in zip(self._global, params):
@@ -294,6 +284,32 @@ class LocalOptimizer(Optimizer):
             torch._foreach_copy_(params, self._global)
         self._num_syncs += 1
         self._synced = True
+
+    def _average(self, params: list[Tensor], extra: list[Tensor]) -> bool:
+        """All-reduce the mean of params (in place, in their flat buffers) and of ``extra``.
+
+        Returns False when the round is skipped because an average is not finite. Every rank sees
+        the same reduced values, so every rank takes the same decision.
+        """
+        if self._flat is None or [id(p) for p in self._flat.params] != [id(p) for p in params]:
+            self._flat = _comm.FlatParams(params)
+        flats = self._flat.buffers()
+        backup = [f.clone() for f in flats] if self.on_nonfinite == "skip" else None
+        extra_flats, extra_groups = _comm.reduce_mean_packed(extra, self.process_group)
+        self._bytes += _comm.mean_(flats, self.process_group)
+        self._bytes += sum(f.numel() * f.element_size() for f in extra_flats)
+        if not _comm.all_finite(flats + extra_flats):
+            msg = (
+                f"non-finite values in the model average at step {self._steps} "
+                f"(round {self._num_syncs + 1}): a worker diverged"
+            )
+            if self.on_nonfinite == "raise":
+                raise FloatingPointError(msg)
+            torch._foreach_copy_(flats, backup)
+            warnings.warn(msg + "; the round is skipped", RuntimeWarning, stacklevel=4)
+            return False
+        _comm.unpack_into(extra_flats, extra_groups)
+        return True
 
     # ---------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
