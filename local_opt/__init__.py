@@ -1,2 +1,16 @@
-from local_opt.optimizer import LocalOptimizer  # noqa
-__all__ = ["LocalOptimizer"]
+"""local-opt: Local SGD with communication-efficient adaptive batch sizes (arXiv 2406.13936)."""
+
+from local_opt.checkpoint import load_checkpoint, save_checkpoint
+from local_opt.optimizer import LocalOptimizer
+from local_opt.schedules import ConstantBatchSize, LinearRampBatchSize, StagewiseBatchSize
+from local_opt.variance import VarianceTest
+
+__all__ = [
+    "LocalOptimizer",
+    "VarianceTest",
+    "ConstantBatchSize",
+    "StagewiseBatchSize",
+    "LinearRampBatchSize",
+    "save_checkpoint",
+    "load_checkpoint",
+]
