@@ -20,7 +20,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q --benchmark-disable
 
 bench: $(STAMP)
-	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-json=runs/bench.json \
+	mkdir -p runs
+	$(PY) -m pytest benchmarks -q -s --benchmark-only --benchmark-json=runs/bench.json \
 	  --benchmark-columns=min,median,mean,rounds --benchmark-sort=name
 	$(PY) benchmarks/report.py runs/bench.json
 

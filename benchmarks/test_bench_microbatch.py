@@ -1,0 +1,66 @@
+"""The micro-batch variance estimate inside an accumulated training step vs the same step without it.
+
+Gradient accumulation already computes one gradient per micro-batch; keeping them and calling
+``VarianceTest.suggest_from_micro_batch_grads`` should cost almost nothing (goal <= 1.05x).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _ratio import interleaved_ratio, quick, record
+from torch import nn
+
+from local_opt import VarianceTest
+
+K = 4  # micro-batches per step
+
+
+def _setup(small: bool):
+    torch.manual_seed(0)
+    if small:
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                              nn.Flatten(), nn.Linear(8, 10))
+        x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+    else:
+        import timm
+
+        model = timm.create_model("resnet18", num_classes=10)
+        x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    return model, x, y
+
+
+def _step_plain(model, opt, x, y):
+    opt.zero_grad()
+    for xs, ys in zip(x.chunk(K), y.chunk(K)):
+        (F.cross_entropy(model(xs), ys) / K).backward()
+    opt.step()
+
+
+def _step_with_test(model, opt, vt, x, y):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt.zero_grad()
+    grads = []
+    for xs, ys in zip(x.chunk(K), y.chunk(K)):
+        g = torch.autograd.grad(F.cross_entropy(model(xs), ys), params)
+        grads.append(g)
+        for p, gi in zip(params, g):
+            p.grad = gi / K if p.grad is None else p.grad.add_(gi, alpha=1 / K)
+    opt.step()
+    return vt.suggest_from_micro_batch_grads(grads, len(x) // K, len(x))
+
+
+@pytest.mark.benchmark(group="microbatch")
+def test_microbatch_estimate_inside_accumulated_step(benchmark, request):
+    small = quick(request)
+    model, x, y = _setup(small)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    vt = VarianceTest(model, F.cross_entropy, test="augmented", backend="microbatch")
+    torch.set_num_threads(2)
+    res = interleaved_ratio(lambda: _step_with_test(model, opt, vt, x, y),
+                            lambda: _step_plain(model, opt, x, y), repeats=3 if small else 20)
+    record(benchmark, "microbatch_in_accumulated_step", res, goal=1.05)
+    b = benchmark(lambda: _step_with_test(model, opt, vt, x, y))
+    assert isinstance(b, int) and b >= len(x)
+    assert vt.last_stats["backend"] == "microbatch_grads"
