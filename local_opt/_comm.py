@@ -92,7 +92,15 @@ def mean_(flats: Sequence[Tensor], process_group: dist.ProcessGroup | None = Non
 
 
 def all_finite(flats: Sequence[Tensor]) -> bool:
-    return all(bool(torch.isfinite(f).all()) for f in flats)
+    """Whether no buffer holds a NaN or an Inf.
+
+    ``aminmax`` is one reduction that propagates NaN, and an Inf shows in the min or the max; it
+    is several times faster than materializing ``isfinite(f)`` for a large buffer.
+    """
+    for f in flats:
+        if f.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(f))).all()):
+            return False
+    return True
 
 
 @torch.no_grad()
