@@ -103,7 +103,7 @@ def pool(stats: GradStats, process_group: dist.ProcessGroup | None = None) -> Po
     _comm.all_reduce_sum_(scalars, process_group)
     n = int(round(scalars[0].item()))
     mean = flat / n
-    mean_sq_norm = float(mean.double().pow(2).sum())
+    mean_sq_norm = float(torch.linalg.vector_norm(mean, dtype=torch.float64)) ** 2
     # Unflatten the pooled mean into the backend's per-parameter shapes and dtypes.
     mean_list, offset = [], 0
     for g in stats.grad_sum:

@@ -142,7 +142,7 @@ def setup():
 # --------------------------------------------------------------------------- single process
 
 
-@pytest.mark.parametrize("backend", ["vmap", "auto"])
+@pytest.mark.parametrize("backend", ["vmap", "hooks", "auto"])
 @pytest.mark.parametrize("test", TESTS)
 def test_matches_brute_force(setup, test, backend):
     model, x, y, grads, consts = setup
@@ -150,7 +150,9 @@ def test_matches_brute_force(setup, test, backend):
     vt = VarianceTest(model, F.cross_entropy, test=test, backend=backend, chunk_size=5, **consts)
     b = vt.suggest(x, y, B)
     s = vt.last_stats
-    assert s["backend"] == "vmap" and s["count"] == B and s["world_size"] == 1
+    # "auto" picks the hooks backend: it covers conv, GroupNorm, BatchNorm, Linear, LayerNorm
+    assert s["backend"] == ("hooks" if backend == "auto" else backend)
+    assert s["count"] == B and s["world_size"] == 1
     for key in ("mean_sq_norm", "norm_variance", *RAW_KEYS[test]):
         assert s[key] == pytest.approx(ref[key], rel=RTOL), key
     assert s["raw"] == pytest.approx(ref[f"raw_{test}"], rel=RTOL)
@@ -273,7 +275,7 @@ def test_batchnorm_train_definition():
     consts = pick_constants(ref1, B)
     ref = reference(flat, 1, **consts)
     for test in TESTS:
-        vt = VarianceTest(model, F.cross_entropy, test=test, chunk_size=4, **consts)
+        vt = VarianceTest(model, F.cross_entropy, test=test, backend="vmap", chunk_size=4, **consts)
         assert vt.suggest(x, y, B) == expected(ref[f"raw_{test}"], B)
         assert vt.last_stats["raw"] == pytest.approx(ref[f"raw_{test}"], rel=RTOL)
     _assert_same(before, _snapshot(model))
@@ -530,8 +532,8 @@ def _pooled_worker(rank: int, world: int, consts: dict) -> dict:
         model, F.cross_entropy, test="augmented", backend="microbatch", micro_batches=3, **consts
     )
     out["microbatch"] = (vt.suggest(x, y, B), vt.last_stats)
-    model.train()
-    vt = VarianceTest(model, F.cross_entropy, test="augmented", **consts)
+    model.train()  # the vmap backend's definition (Jacobian rows) is the reference's
+    vt = VarianceTest(model, F.cross_entropy, test="augmented", backend="vmap", **consts)
     out["bn_train"] = (vt.suggest(x, y, B), vt.last_stats)
     return out
 
@@ -598,3 +600,35 @@ def test_no_warnings_on_regular_use(setup):
 
 def test_repr():
     assert "test='augmented'" in repr(VarianceTest(_MODEL, F.mse_loss, test="augmented"))
+
+
+class WithConv3d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv3d = nn.Conv3d(1, 2, 2)
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv3d(x).mean((2, 3, 4)))
+
+
+def test_auto_falls_back_to_vmap_once_with_a_warning_naming_the_layer():
+    torch.manual_seed(0)
+    model = WithConv3d().double()
+    x, y = torch.randn(6, 1, 3, 3, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    vt = VarianceTest(model, F.cross_entropy, max_batch_size=10**6)
+    with pytest.warns(RuntimeWarning, match="conv3d"):
+        b1 = vt.suggest(x, y, 6)
+    assert vt.last_stats["backend"] == "vmap"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning for the same model
+        b2 = vt.suggest(x, y, 6)
+    # and the fallback is exact: the same as the brute-force loop
+    grads = torch.stack([
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+            F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), list(model.parameters()))])
+        for i in range(6)
+    ])
+    trace = grads.var(0, unbiased=True).sum().item()
+    assert vt.last_stats["norm_variance"] == pytest.approx(trace, rel=1e-9)
+    assert b1 == b2 == max(6, math.ceil(trace / (0.1**2 * grads.mean(0).pow(2).sum().item())))

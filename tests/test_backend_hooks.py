@@ -1,0 +1,538 @@
+"""The hooks backend against independent references.
+
+* models without cross-sample coupling: per-sample gradients from ``torch.func.vmap(grad(...))``;
+* BatchNorm in training mode: the mean of the contributions is autograd's batch gradient, and the
+  contributions themselves come from a brute-force pass in which every layer uses one copy of its
+  parameters per sample.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from local_opt._backend_hooks import (
+    StatsCapture,
+    hooks_grad_stats,
+    hooks_stats,
+    release_workspaces,
+    supports,
+    unsupported_layers,
+)
+from local_opt._stats import pool
+
+MODES = ["auto", "ghost", "keep", "stream"]
+
+
+# ----------------------------------------------------------------------------------------------
+# references
+# ----------------------------------------------------------------------------------------------
+
+
+def vmap_per_sample(model: nn.Module, loss_fn, x, y) -> torch.Tensor:
+    """Per-sample gradients ``(N, P)`` of the trainable parameters, in ``parameters()`` order."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def sample_loss(pr, xi, yi):
+        out = functional_call(model, ({**pr, **frozen}, buffers), (xi[None],))
+        return loss_fn(out, yi[None])
+
+    g = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
+    return torch.cat([g[n].reshape(x.shape[0], -1) for n in names], 1).double()
+
+
+def reference_stats(per_sample: torch.Tensor, v: torch.Tensor) -> tuple:
+    return per_sample.sum(0), (per_sample * per_sample).sum(), ((per_sample @ v) ** 2).sum()
+
+
+def flat(ts) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1).double() for t in ts])
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
+def check_against(model, loss_fn, x, y, per_sample, tol, **kw):
+    stats = hooks_grad_stats(model, loss_fn, x, y, **kw)
+    assert stats.count == x.shape[0] and stats.unit_size == 1
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert [g.shape for g in stats.grad_sum] == [p.shape for p in trainable]
+    gen = torch.Generator().manual_seed(1)
+    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in trainable]
+    ref_sum, ref_sq, ref_q = reference_stats(per_sample, flat(v))
+    assert rel(flat(stats.grad_sum), ref_sum) <= tol
+    assert rel(stats.sq_norm_sum, ref_sq) <= tol
+    assert rel(stats.inner_sq_sum(v), ref_q) <= tol
+    # and at the pooled mean, as the variance tests call it
+    mean = ref_sum / x.shape[0]
+    pooled = torch.tensor(pool(stats).inner_sq_sum, dtype=torch.float64)
+    assert rel(pooled, ((per_sample @ mean) ** 2).sum()) <= tol
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+# ----------------------------------------------------------------------------------------------
+
+
+class ConvNet(nn.Module):
+    """Conv2d (padding, stride, groups, dilation, 'same' + reflect), GroupNorm, Conv1d, LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 8)
+        self.c2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.c3 = nn.Conv2d(8, 6, 2, dilation=2, padding="same", padding_mode="reflect")
+        self.c1d = nn.Conv1d(6, 6, 3, padding=1, stride=1)
+        self.ln = nn.LayerNorm(6)
+        self.fc = nn.Linear(6, 5)
+        self.unused = nn.Linear(3, 3)
+
+    def forward(self, x):
+        x = F.relu(self.gn(self.c1(x)))
+        x = F.relu(self.dw(self.c2(x)))
+        x = self.c3(x).flatten(2)  # (N, 6, 16)
+        x = self.c1d(x).transpose(1, 2)  # (N, 16, 6)
+        return self.fc(self.ln(x).mean(1))
+
+
+class TinyTransformer(nn.Module):
+    """Embedding (padding_idx), a bare broadcast parameter, Linear over sequences used twice,
+    LayerNorm used twice, attention, a head on the first token."""
+
+    def __init__(self, vocab=11, dim=8, length=7):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=0)
+        self.pos = nn.Parameter(torch.randn(1, length, dim) * 0.1)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids) + self.pos
+        for _ in range(2):
+            q, k, v = self.qkv(self.ln(h)).chunk(3, -1)
+            att = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, -1)
+            h = h + self.proj(att @ v)
+        return self.head(h[:, 0])
+
+
+class BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 3)
+        self.bn3 = nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        x = self.bn1(self.c1(x)).relu_()  # in-place activation on a BatchNorm output
+        x = self.bn2(self.c2(x)).relu_()
+        return self.bn3(self.fc(x.mean((2, 3))))
+
+
+def _data(n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 8, 8, generator=g, dtype=torch.float64)
+    return x, torch.randint(0, 5, (n,), generator=g)
+
+
+# ----------------------------------------------------------------------------------------------
+# exactness against vmap
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_convnet_matches_vmap(mode):
+    torch.manual_seed(0)
+    model = ConvNet().double()
+    x, y = _data()
+    ref = vmap_per_sample(model, F.cross_entropy, x, y)
+    check_against(model, F.cross_entropy, x, y, ref, 1e-10, mode=mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_transformer_matches_vmap(mode):
+    torch.manual_seed(0)
+    model = TinyTransformer().double()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 11, (5, 7), generator=g)
+    ids[0, :4] = 3  # a repeated token
+    ids[1, 2:] = 0  # padding
+    y = torch.randint(0, 3, (5,), generator=g)
+    ref = vmap_per_sample(model, F.cross_entropy, ids, y)
+    check_against(model, F.cross_entropy, ids, y, ref, 1e-10, mode=mode)
+
+
+def test_float32_and_no_memory():
+    torch.manual_seed(0)
+    model = ConvNet()
+    x, y = _data()
+    ref = vmap_per_sample(model.double(), F.cross_entropy, x, y)
+    model.float()
+    check_against(model, F.cross_entropy, x.float(), y, ref, 1e-4, keep_bytes=0)
+
+
+def test_frozen_parameters_are_left_out():
+    torch.manual_seed(0)
+    model = ConvNet().double()
+    model.c2.weight.requires_grad_(False)
+    model.ln.bias.requires_grad_(False)
+    model.fc.requires_grad_(False)
+    x, y = _data()
+    ref = vmap_per_sample(model, F.cross_entropy, x, y)
+    check_against(model, F.cross_entropy, x, y, ref, 1e-10)
+
+
+def test_timm_resnet18_eval_matches_vmap():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10).double().eval()
+    assert unsupported_layers(model) == []
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    y = torch.tensor([1, 5, 7])
+    ref = vmap_per_sample(model, F.cross_entropy, x, y)
+    check_against(model, F.cross_entropy, x, y, ref, 1e-10)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_timm_vit_tiny_matches_vmap():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10
+    ).double()
+    with torch.no_grad():  # timm initializes cls_token/pos_embed tiny and the head to zero
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    assert unsupported_layers(model) == []
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    y = torch.tensor([3, 8])
+    ref = vmap_per_sample(model, F.cross_entropy, x, y)
+    check_against(model, F.cross_entropy, x, y, ref, 1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# BatchNorm in training mode: per-sample contributions
+# ----------------------------------------------------------------------------------------------
+
+
+def brute_force_contributions(model: nn.Module, loss_fn, x, y) -> torch.Tensor:
+    """Every Conv2d/Linear/BatchNorm uses one copy of its parameters per sample; the gradient of
+    ``N·L`` with respect to sample ``i``'s copies is sample ``i``'s contribution ``(N, P)``."""
+    n = x.shape[0]
+    copies: dict[int, torch.Tensor] = {}
+    for p in model.parameters():
+        copies[id(p)] = p.detach().expand(n, *p.shape).clone().requires_grad_(True)
+
+    def hook(module, args, out):
+        (a,) = args
+        w = copies[id(module.weight)]
+        b = copies[id(module.bias)] if module.bias is not None else None
+        if isinstance(module, nn.Conv2d):
+            outs = [
+                F.conv2d(
+                    a[i : i + 1], w[i], None if b is None else b[i], module.stride, module.padding
+                )
+                for i in range(n)
+            ]
+            return torch.cat(outs)
+        if isinstance(module, nn.Linear):
+            return torch.einsum("nk,nmk->nm", a, w) + b
+        # BatchNorm in training mode: batch statistics, per-sample affine copies
+        xhat = F.batch_norm(a, None, None, None, None, True, 0.0, module.eps)
+        shape = (n, -1) + (1,) * (a.dim() - 2)
+        return xhat * w.view(shape) + b.view(shape)
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d))
+    ]
+    try:
+        loss = loss_fn(model(x), y) * n
+    finally:
+        for h in handles:
+            h.remove()
+    grads = torch.autograd.grad(loss, [copies[id(p)] for p in model.parameters()])
+    return torch.cat([g.reshape(n, -1) for g in grads], 1).double()
+
+
+def test_batchnorm_train_contributions_are_exact():
+    torch.manual_seed(0)
+    model = BNNet().double().train()
+    x, y = _data(6)
+    y = y % 3
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = brute_force_contributions(model, F.cross_entropy, x, y)
+    model.load_state_dict(state)
+    for mode in MODES:
+        check_against(model, F.cross_entropy, x, y, ref, 1e-10, mode=mode)
+    # the definition: their mean is the batch gradient
+    batch = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    model.load_state_dict(state)
+    stats = hooks_grad_stats(model, F.cross_entropy, x, y)
+    assert rel(flat(stats.grad_sum) / x.shape[0], flat(batch)) <= 1e-12
+
+
+def test_timm_resnet18_train_mean_is_batch_gradient():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10).double().train()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    y = torch.tensor([1, 5, 7, 0])
+    stats = hooks_grad_stats(model, F.cross_entropy, x, y)
+    batch = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    assert rel(flat(stats.grad_sum) / 4, flat(batch)) <= 1e-12
+    assert stats.sq_norm_sum > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the model is left as found; statistics stay valid while others are computed
+# ----------------------------------------------------------------------------------------------
+
+
+def test_model_left_as_found():
+    torch.manual_seed(0)
+    model = BNNet().double().train()
+    model.bn2.eval()
+    model.c1.bias.requires_grad_(False)
+    x, y = _data(4)
+    y = y % 3
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    hooks_grad_stats(model, F.cross_entropy, x, y)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # incl. running stats
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
+    assert not model.c1._forward_hooks
+
+
+def test_live_statistics_do_not_share_workspace():
+    torch.manual_seed(0)
+    release_workspaces()
+    model = TinyTransformer(dim=16).double()
+    ids = torch.randint(1, 11, (6, 7))
+    y = torch.randint(0, 3, (6,))
+    v = [torch.randn_like(p) for p in model.parameters()]
+    first = hooks_grad_stats(model, F.cross_entropy, ids, y, mode="auto")
+    expected = first.inner_sq_sum(v)
+    second = hooks_grad_stats(model, F.cross_entropy, ids.flip(0) % 5 + 1, y, mode="auto")
+    assert torch.equal(first.inner_sq_sum(v), expected)
+    del first, second
+    gc.collect()
+    third = hooks_grad_stats(model, F.cross_entropy, ids, y, mode="auto")
+    assert torch.allclose(third.inner_sq_sum(v), expected, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# coverage
+# ----------------------------------------------------------------------------------------------
+
+
+class Bare(nn.Module):
+    def __init__(self, shape):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(shape))
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+class OwnForward(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        (nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4)), ["1 (LSTM"]),
+        (nn.MultiheadAttention(4, 2), ["<root> (MultiheadAttention"]),
+        (Bare((4,)), ["<root> (Bare: parameters ['scale']"]),
+        (nn.Sequential(OwnForward(4, 4)), ["0 (OwnForward"]),
+        (nn.Sequential(nn.Conv3d(1, 1, 2)), ["0 (Conv3d"]),
+        (nn.Sequential(nn.Embedding(5, 4, max_norm=1.0)), ["0 (Embedding: max_norm"]),
+        (Tied(), ["a (Linear: parameter shared", "b (Linear: parameter shared"]),
+    ],
+)
+def test_unsupported_layers_are_named(model, expected):
+    found = unsupported_layers(model)
+    assert len(found) == len(expected)
+    assert all(f.startswith(e) for f, e in zip(found, expected)), found
+    with pytest.raises(RuntimeError, match="does not cover"):
+        hooks_grad_stats(model, lambda o, t: o.sum(), torch.zeros(2, 4), None)
+
+
+def test_covered_models():
+    assert unsupported_layers(ConvNet()) == []
+    assert unsupported_layers(TinyTransformer()) == []
+    assert unsupported_layers(Bare((1, 4))) == []  # broadcast along the batch: covered
+    frozen = nn.Sequential(nn.Linear(2, 2), nn.LSTM(2, 2).requires_grad_(False))
+    assert unsupported_layers(frozen) == []
+
+
+class NotBroadcast(nn.Module):
+    """A (1, D) parameter used as a weight, not broadcast along the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(1, 4))
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) @ self.w.T
+
+
+def test_bare_parameter_not_broadcast_is_refused():
+    model = NotBroadcast().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="not broadcast along the batch"):
+        hooks_grad_stats(model, lambda o, t: o.pow(2).mean(), x, None)
+
+
+def test_bare_broadcast_parameter_matches_vmap():
+    torch.manual_seed(0)
+    model = Bare((1, 4)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    y = torch.randn(5, 4, dtype=torch.float64)
+    ref = vmap_per_sample(model, F.mse_loss, x, y)
+    check_against(model, F.mse_loss, x, y, ref, 1e-10)
+
+
+class ModifiesInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        x = x * 1.0
+        out = self.fc(x)
+        x.add_(1.0)  # changes the input the layer's gradient depends on
+        return out + x
+
+
+def test_input_modified_in_place_is_detected():
+    model = ModifiesInput()
+    with pytest.raises(RuntimeError):
+        hooks_grad_stats(model, lambda o, t: o.pow(2).mean(), torch.randn(3, 4), None)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"keep_bytes": -1}, "Invalid keep_bytes"), ({"mode": "fast"}, "Invalid mode")],
+)
+def test_invalid_arguments(kwargs, match):
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=match):
+        hooks_grad_stats(model, F.mse_loss, torch.randn(2, 3), torch.randn(2, 2), **kwargs)
+
+
+def test_invalid_loss_and_vector():
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(2, 3), torch.randn(2, 2)
+    with pytest.raises(ValueError, match="Invalid loss_fn"):
+        hooks_grad_stats(model, lambda o, t: (o - t).pow(2), x, y)
+    stats = hooks_grad_stats(model, F.mse_loss, x, y)
+    with pytest.raises(ValueError, match="Invalid v"):
+        stats.inner_sq_sum([torch.zeros(2, 3)])
+
+
+# ----------------------------------------------------------------------------------------------
+# statistics from the training step's own backward
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_capture_matches_vmap_and_keeps_training_gradients(scale):
+    torch.manual_seed(0)
+    model = TinyTransformer().double()
+    ids = torch.randint(1, 11, (5, 7))
+    y = torch.randint(0, 3, (5,))
+    ref = vmap_per_sample(model, F.cross_entropy, ids, y)
+    with StatsCapture(model, grad_scale=scale) as cap:
+        (F.cross_entropy(model(ids), y) * scale).backward()
+    assert isinstance(model.pos, nn.Parameter)  # the per-sample view is gone again
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    grads = flat([p.grad for p in model.parameters()])
+    assert rel(grads, ref.mean(0) * scale) <= 1e-12  # the user's .grad is the usual one
+    v = [torch.randn_like(p) for p in model.parameters()]
+    stats = cap.grad_stats()
+    ref_sum, ref_sq, ref_q = reference_stats(ref, flat(v))
+    assert rel(flat(stats.grad_sum), ref_sum) <= 1e-10
+    assert rel(stats.sq_norm_sum, ref_sq) <= 1e-10
+    assert rel(stats.inner_sq_sum(v), ref_q) <= 1e-10
+
+
+def test_capture_batchnorm_train_equals_separate_pass():
+    torch.manual_seed(0)
+    model = BNNet().double().train()
+    x, y = _data(6)
+    y = y % 3
+    sep = hooks_grad_stats(model, F.cross_entropy, x, y)
+    with StatsCapture(model) as cap:
+        F.cross_entropy(model(x), y).backward()
+    got = cap.grad_stats()
+    v = [torch.randn_like(p) for p in model.parameters()]
+    assert rel(flat(got.grad_sum), flat(sep.grad_sum)) <= 1e-12
+    assert rel(got.sq_norm_sum, sep.sq_norm_sum) <= 1e-12
+    assert rel(got.inner_sq_sum(v), sep.inner_sq_sum(v)) <= 1e-12
+
+
+def test_capture_misuse():
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    with StatsCapture(model) as cap:
+        F.mse_loss(model(x), y)
+    with pytest.raises(RuntimeError, match="no backward"):
+        cap.grad_stats()
+    with StatsCapture(model) as cap:
+        F.mse_loss(model(x), y).backward()
+        F.mse_loss(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="2 forward passes"):
+        cap.grad_stats()
+    with pytest.raises(ValueError, match="Invalid grad_scale"):
+        StatsCapture(model, grad_scale=0.0)
+    with pytest.raises(RuntimeError, match="does not cover"):
+        with StatsCapture(nn.LSTM(2, 2)):
+            pass
+
+
+def test_backend_entry_point_without_inner_products():
+    torch.manual_seed(0)
+    model = ConvNet().double()
+    x, y = _data()
+    assert supports(model) and not supports(nn.LSTM(2, 2))
+    full = hooks_grad_stats(model, F.cross_entropy, x, y)
+    lean = hooks_stats(model, F.cross_entropy, x, y, inner_products=False, chunk_size=None)
+    assert rel(flat(lean.grad_sum), flat(full.grad_sum)) <= 1e-12
+    assert rel(lean.sq_norm_sum, full.sq_norm_sum) <= 1e-12
+    assert torch.isnan(lean.inner_sq_sum([torch.zeros_like(g) for g in lean.grad_sum]))
