@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from local_opt import _comm
+from local_opt._validate import is_int
 
 __all__ = ["LocalOptimizer"]
 
@@ -130,7 +131,7 @@ class LocalOptimizer(Optimizer):
         self.process_group = process_group
         self.average_buffers = average_buffers
         self.on_nonfinite = on_nonfinite
-        self._sync_every = sync_every
+        self._sync_every = int(sync_every)
         self._state_names = _check_state_spec(average_optimizer_state, optimizer)
         if module is not None:
             _check_module_params(module, self._params())
@@ -223,7 +224,7 @@ class LocalOptimizer(Optimizer):
     @sync_every.setter
     def sync_every(self, value: int) -> None:
         _check_sync_every(value)
-        self._sync_every = value
+        self._sync_every = int(value)
 
     @property
     def local_step(self) -> int:
@@ -402,7 +403,7 @@ def _unique(tensors: Iterable[Tensor]) -> list[Tensor]:
 
 
 def _check_sync_every(sync_every: Any) -> None:
-    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+    if not is_int(sync_every) or sync_every < 1:
         raise ValueError(f"Invalid sync_every: {sync_every!r} (expected an int >= 1)")
 
 

@@ -25,15 +25,13 @@ from typing import Any
 
 from torch import Tensor
 
+from local_opt._validate import is_int
+
 __all__ = ["ConstantBatchSize", "StagewiseBatchSize", "LinearRampBatchSize"]
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_int(name: str, value: Any, minimum: int) -> int:
-    if not _is_int(value) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ValueError(f"Invalid {name}: {value!r} (expected an int >= {minimum})")
     return int(value)
 

@@ -16,6 +16,7 @@ from local_opt import _comm, _stats
 from local_opt._backend_hooks import hooks_stats, supports, unsupported_layers
 from local_opt._backend_microbatch import microbatch_stats, stats_from_micro_batch_grads
 from local_opt._backend_vmap import vmap_stats
+from local_opt._validate import is_int
 
 __all__ = ["VarianceTest"]
 
@@ -63,10 +64,6 @@ def _resolve_backend(model: nn.Module) -> str:
     return "vmap"
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_positive_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"Invalid {name}: {value!r} (expected a positive finite number)")
@@ -76,7 +73,7 @@ def _check_positive_float(name: str, value: Any) -> float:
 
 
 def _check_batch_size(batch_size: Any) -> int:
-    if not _is_int(batch_size) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"Invalid batch_size: {batch_size!r} (expected an int >= 1)")
     return int(batch_size)
 
@@ -269,13 +266,13 @@ class VarianceTest:
         if backend != "auto" and backend not in _BACKENDS:
             names = ", ".join(["auto", *_BACKENDS])
             raise ValueError(f"Invalid backend: {backend!r} (expected one of {names})")
-        if max_batch_size is not None and (not _is_int(max_batch_size) or max_batch_size < 1):
+        if max_batch_size is not None and (not is_int(max_batch_size) or max_batch_size < 1):
             raise ValueError(f"Invalid max_batch_size: {max_batch_size!r} (expected an int >= 1)")
-        if not _is_int(every) or every < 1:
+        if not is_int(every) or every < 1:
             raise ValueError(f"Invalid every: {every!r} (expected an int >= 1)")
-        if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
+        if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
             raise ValueError(f"Invalid chunk_size: {chunk_size!r} (expected an int >= 1 or None)")
-        if not _is_int(micro_batches) or micro_batches < 2:
+        if not is_int(micro_batches) or micro_batches < 2:
             raise ValueError(f"Invalid micro_batches: {micro_batches!r} (expected an int >= 2)")
         self.model = model
         self.loss_fn = loss_fn
@@ -433,9 +430,9 @@ class VarianceTest:
         if missing:
             raise ValueError(f"Invalid state_dict: missing keys {sorted(missing)}")
         calls, last = state_dict["calls"], state_dict["last_suggestion"]
-        if not _is_int(calls) or calls < 0:
+        if not is_int(calls) or calls < 0:
             raise ValueError(f"Invalid state_dict: calls={calls!r}")
-        if last is not None and (not _is_int(last) or last < 1):
+        if last is not None and (not is_int(last) or last < 1):
             raise ValueError(f"Invalid state_dict: last_suggestion={last!r}")
         self._calls = int(calls)
         self._last = None if last is None else int(last)
