@@ -75,21 +75,31 @@ def stats_from_micro_batch_grads(
                 f"Invalid grads: micro-batch {u} has shapes {[tuple(g.shape) for g in unit]}, "
                 f"micro-batch 0 has {[tuple(s) for s in shapes]}"
             )
-    units = torch.stack([torch.cat([g.detach().reshape(-1) for g in unit]) for unit in grads])
-    grad_sum = [
-        torch.stack([unit[j].detach() for unit in grads]).sum(0) for j in range(len(shapes))
-    ]
-    units64 = units.double()
+    # No copies of the units: per-tensor norms and dot products, accumulated in float64.
+    units = [[g.detach() for g in unit] for unit in grads]
+    grad_sum = [g.clone() for g in units[0]]
+    for unit in units[1:]:
+        torch._foreach_add_(grad_sum, unit)
+    sq_norms = torch.stack([torch.stack(torch._foreach_norm(unit)) for unit in units])
+    sq_norm_sum = sq_norms.double().pow(2).sum()
 
     def inner_sq_sum(v: Sequence[Tensor]) -> Tensor:
-        flat_v = torch.cat([t.reshape(-1) for t in v]).to(units64)
-        return (units64 @ flat_v).pow(2).sum()
+        flat_v = [t.reshape(-1) for t in v]
+        dots = torch.stack(
+            [
+                torch.stack([torch.dot(g.reshape(-1), w) for g, w in zip(unit, flat_v)])
+                .double()
+                .sum()
+                for unit in units
+            ]
+        )
+        return dots.pow(2).sum()
 
     return GradStats(
         count=len(grads),
         unit_size=micro_batch_size,
         grad_sum=grad_sum,
-        sq_norm_sum=units64.pow(2).sum(),
+        sq_norm_sum=sq_norm_sum,
         inner_sq_sum=inner_sq_sum,
     )
 

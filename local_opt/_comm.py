@@ -171,6 +171,28 @@ def broadcast(
     return nbytes
 
 
+def all_reduce_sum(
+    tensors: Sequence[Tensor], process_group: dist.ProcessGroup | None = None
+) -> list[Tensor]:
+    """Sums of the tensors over the group, as views of one flat buffer per ``(device, dtype)``.
+
+    The inputs are not modified. Without torch.distributed (or with one rank) the inputs are
+    returned as they are.
+    """
+    if not is_distributed(process_group):
+        return list(tensors)
+    index = {id(t): i for i, t in enumerate(tensors)}
+    out: list[Tensor] = list(tensors)
+    for group in _buckets(tensors):
+        flat = _flatten(group)
+        dist.all_reduce(flat, group=process_group)
+        offset = 0
+        for t in group:
+            out[index[id(t)]] = flat[offset : offset + t.numel()].view_as(t)
+            offset += t.numel()
+    return out
+
+
 def all_reduce_sum_(flat: Tensor, process_group: dist.ProcessGroup | None = None) -> Tensor:
     """Sum one tensor over the group in place (no-op without torch.distributed); returns it."""
     if is_distributed(process_group):

@@ -83,33 +83,26 @@ class PooledStats:
         return dict(self.__dict__)
 
 
-def _flat_f32(tensors: Sequence[Tensor]) -> Tensor:
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    return torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
-
-
 def pool(stats: GradStats, process_group: dist.ProcessGroup | None = None) -> PooledStats:
     """Sum one rank's :class:`GradStats` over the group and evaluate ``Q`` at the pooled mean.
 
-    Communication: one all-reduce of the gradient's size, then two all-reduces of 2 and 1 float64
-    scalars. Without torch.distributed (or with one rank) nothing is communicated.
+    Communication: one all-reduce of the gradient's size (a flat buffer per dtype), then two
+    all-reduces of 2 and 1 float64 scalars. Without torch.distributed (or with one rank) nothing is
+    communicated and nothing is copied but the mean.
     """
     world = _comm.world_size(process_group)
-    flat = _flat_f32(stats.grad_sum)
+    grads = [g.detach() for g in stats.grad_sum]
+    device = grads[0].device
     scalars = torch.stack(
         [torch.tensor(float(stats.count), dtype=torch.float64), stats.sq_norm_sum.double().cpu()]
-    ).to(flat.device)
-    _comm.all_reduce_sum_(flat, process_group)
+    ).to(device)
+    total = _comm.all_reduce_sum(grads, process_group)
     _comm.all_reduce_sum_(scalars, process_group)
     n = int(round(scalars[0].item()))
-    mean = flat / n
-    mean_sq_norm = float(torch.linalg.vector_norm(mean, dtype=torch.float64)) ** 2
-    # Unflatten the pooled mean into the backend's per-parameter shapes and dtypes.
-    mean_list, offset = [], 0
-    for g in stats.grad_sum:
-        mean_list.append(mean[offset : offset + g.numel()].view_as(g).to(g.dtype))
-        offset += g.numel()
-    q = stats.inner_sq_sum(mean_list).double().reshape(1).to(flat.device)
+    mean_list = torch._foreach_div(total, float(n))
+    # per-tensor norms (one fused kernel), squared and summed in float64
+    mean_sq_norm = math.fsum(float(x) ** 2 for x in torch._foreach_norm(mean_list))
+    q = stats.inner_sq_sum(mean_list).double().reshape(1).to(device)
     _comm.all_reduce_sum_(q, process_group)
     return PooledStats(
         count=n,
