@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) examples/local_sgd_minimal.py --nproc 2
+	OMP_NUM_THREADS=1 $(PY) examples/compare.py --nproc $(NPROC) --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q --benchmark-disable

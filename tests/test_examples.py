@@ -1,0 +1,227 @@
+"""examples/train.py and examples/compare.py end to end: real gloo runs, CIFAR-10 folder, resume.
+
+The multi-process runs go through a subprocess (``train.py --nproc 2``), as a user launches them,
+each with a timeout. One uninterrupted 2-process run (module fixture) serves both the end-to-end
+checks and the reference of the ``--resume`` test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+sys.path.insert(0, EXAMPLES)
+
+import _common  # noqa: E402
+import compare  # noqa: E402
+import train  # noqa: E402
+
+# A tiny adaptive run: 2 workers, H=2, b0=8 growing (eta=0.5 asks for more at once on digits).
+TINY = [
+    "--nproc", "2", "--strategy", "adaptive", "--eta", "0.5", "--batch-size", "8",
+    "--max-batch-size", "32", "--sync-every", "2", "--epochs", "20", "--eval-every", "1",
+    "--vt-backend", "microbatch", "--no-progress", "--seed", "3",
+]  # fmt: skip
+ROUNDS = 6
+
+
+def run_train(argv: list[str], timeout: float = 100.0) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "train.py"), *argv],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = str(tmp_path_factory.mktemp("full"))
+    run_train([*TINY, "--max-rounds", str(ROUNDS), "--out", out])
+    return out
+
+
+# --------------------------------------------------------------------------------- end to end
+@pytest.mark.timeout(150)
+def test_two_process_run_writes_every_output(full_run: str) -> None:
+    records = _common.read_jsonl(os.path.join(full_run, "metrics.jsonl"))
+    assert [r["round"] for r in records] == list(range(1, ROUNDS + 1))
+    with open(os.path.join(full_run, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["world_size"] == 2 and summary["rounds"] == ROUNDS
+    assert summary["samples"] == records[-1]["samples"]
+    assert summary["final_test_acc"] == records[-1]["test_acc"]
+    # Every round is H steps on each of M workers at the round's batch size (short batches are
+    # skipped), so the sample count grows by H * M * b per round.
+    prev = 0
+    for r in records:
+        assert r["samples"] - prev == 2 * 2 * r["batch_size"]
+        prev = r["samples"]
+        assert 0.0 <= r["test_acc"] <= 100.0 and np.isfinite(r["train_loss"])
+    # The variance test never shrinks the batch, respects the cap, and grew it on this run.
+    sizes = [r["batch_size"] for r in records] + [records[-1]["next_batch_size"]]
+    assert sizes == sorted(sizes) and sizes[-1] <= 32 and sizes[-1] > 8
+    # Communication: the same payload every round, rounds counted by the optimizer.
+    sent = [r["bytes_communicated"] for r in records]
+    assert sent[0] > 0 and all(b == sent[0] * (i + 1) for i, b in enumerate(sent))
+    with open(os.path.join(full_run, "plot.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    state = torch.load(os.path.join(full_run, "model_final.pt"))
+    assert any(k.endswith("running_mean") for k in state)  # BatchNorm buffers come along
+    assert os.path.exists(os.path.join(full_run, "ckpt", "rank0.pt"))
+    assert os.path.exists(os.path.join(full_run, "ckpt", "rank1.pt"))
+
+
+@pytest.mark.timeout(150)
+def test_resume_continues_identically(full_run: str, tmp_path: str) -> None:
+    out = str(tmp_path)
+    run_train([*TINY, "--max-rounds", "3", "--out", out])
+    assert len(_common.read_jsonl(os.path.join(out, "metrics.jsonl"))) == 3
+    run_train([*TINY, "--max-rounds", str(ROUNDS), "--out", out, "--resume", out])
+
+    a = _common.read_jsonl(os.path.join(full_run, "metrics.jsonl"))
+    b = _common.read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert len(b) == ROUNDS
+    keys = ["round", "step", "epoch", "samples", "batch_size", "next_batch_size", "lr",
+            "train_loss", "test_acc", "test_loss", "bytes_communicated", "order_hash"]  # fmt: skip
+    for ra, rb in zip(a, b):
+        assert {k: ra[k] for k in keys} == {k: rb[k] for k in keys}
+    assert len({r["batch_size"] for r in a}) > 1  # the batch size did change across the cut
+    sa = torch.load(os.path.join(full_run, "model_final.pt"))
+    sb = torch.load(os.path.join(out, "model_final.pt"))
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_order_hash_is_the_data_order(full_run: str) -> None:
+    """The logged hash of round 1 is the CRC of the indices torch's DistributedSampler gives."""
+    from torch.utils.data import DistributedSampler
+
+    n_train = len(_common.load_digits_data().train)
+    per_rank = []
+    for rank in range(2):
+        order = list(DistributedSampler(range(n_train), num_replicas=2, rank=rank, seed=3))
+        h = 0
+        for step in range(2):  # H = 2 steps of b = 8
+            h = _common.order_hash(torch.tensor(order[8 * step : 8 * (step + 1)]), h)
+        per_rank.append(h)
+    expected = f"{_common.order_hash(torch.tensor(per_rank)):08x}"
+    records = _common.read_jsonl(os.path.join(full_run, "metrics.jsonl"))
+    assert records[0]["order_hash"] == expected
+    assert len({r["order_hash"] for r in records}) == len(records)
+
+
+# ------------------------------------------------------------------------------------- CIFAR
+def write_fake_cifar10(root: str, per_batch: int = 6, seed: int = 0) -> tuple[np.ndarray, list]:
+    """A tiny CIFAR-10 folder in torchvision's pickle format; returns the training data."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    rng = np.random.default_rng(seed)
+    train_x, train_y = [], []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, size=per_batch)]
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({"data": data, "labels": labels}, f)
+        if name != "test_batch":
+            train_x.append(data)
+            train_y += labels
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+    return np.concatenate(train_x), train_y
+
+
+@pytest.mark.timeout(120)
+def test_cifar10_folder(tmp_path: str) -> None:
+    root = str(tmp_path / "data")
+    train_x, train_y = write_fake_cifar10(root)
+    # torchvision checks the md5 of the real files: a fake folder is refused without --no-md5.
+    with pytest.raises(RuntimeError, match="corrupted"):
+        _common.load_cifar10_data(root, verify_md5=True)
+    data = _common.load_cifar10_data(root, verify_md5=False)
+    assert (len(data.train), len(data.test), data.in_chans, data.img_size) == (30, 6, 3, 32)
+    # Pixels and labels are torchvision's reading of the pickles, normalized per channel.
+    x, y, idx = data.train.__getitems__([0, 7, 29])
+    raw = torch.from_numpy(train_x[[0, 7, 29]]).view(3, 3, 32, 32).float() / 255.0
+    mean = torch.tensor(_common.CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(_common.CIFAR10_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(x, (raw - mean) / std)
+    assert y.tolist() == [train_y[i] for i in (0, 7, 29)] and idx.tolist() == [0, 7, 29]
+
+    out = str(tmp_path / "run")
+    argv = [
+        "--dataset", "cifar10", "--data-dir", root, "--no-md5", "--strategy", "constant",
+        "--batch-size", "4", "--max-batch-size", "8", "--sync-every", "2", "--max-rounds", "2",
+        "--augment", "--no-progress", "--out", out,
+    ]  # fmt: skip
+    summary = train.main(argv)
+    assert summary is not None and summary["dataset"] == "cifar10" and summary["rounds"] == 2
+    assert summary["samples"] == 2 * 2 * 4
+    # A cap above the worker's share of the data could never fill a batch: refused up front.
+    with pytest.raises(ValueError, match="Invalid --max-batch-size: 64"):
+        train.main([*argv, "--max-batch-size", "64"])
+
+
+# -------------------------------------------------------------------------------------- help
+def _check_every_flag_documented(parser: argparse.ArgumentParser, text: str) -> None:
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help and action.help != argparse.SUPPRESS, action.dest
+        assert len(action.help) > 10, action.dest
+        for option in action.option_strings or [action.dest]:
+            assert option in text, option
+
+
+@pytest.mark.timeout(120)
+def test_help_documents_every_flag() -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    text = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "train.py"), "--help"],
+        capture_output=True, text=True, timeout=60, env=env, check=True,
+    ).stdout  # fmt: skip
+    _check_every_flag_documented(train.build_parser(), text)
+    _check_every_flag_documented(compare.build_parser(), compare.build_parser().format_help())
+
+
+# -------------------------------------------------------------------------------- units
+def test_lr_schedule() -> None:
+    lr = lambda s, **kw: _common.lr_at(s, 1000, 0.1, warmup=0.1, **kw)  # noqa: E731
+    assert lr(50) == pytest.approx(0.05)  # half-way through the warm-up
+    assert lr(100) == pytest.approx(0.1)  # peak
+    assert lr(550) == pytest.approx(0.05)  # cosine half-way
+    assert lr(1000) == pytest.approx(0.0) and lr(2000) == pytest.approx(0.0)
+    assert lr(100, batch_size=64, base_batch_size=16, coupling="sqrt") == pytest.approx(0.2)
+    assert lr(100, batch_size=64, base_batch_size=16, coupling="linear") == pytest.approx(0.4)
+    assert lr(100, batch_size=64, base_batch_size=16) == pytest.approx(0.1)
+
+
+def test_stagewise_milestones_split_the_budget_evenly() -> None:
+    budget, m, h = 100_000, 4, 8
+    ms = compare.stagewise_milestones(budget, m, h, 16, 128)
+    assert len(ms) == 3  # 16 -> 32 -> 64 -> 128
+    sizes = [16, 32, 64, 128]
+    bounds = [0, *ms]
+    for k in range(3):  # stage k's rounds use about a quarter of the budget
+        used = (bounds[k + 1] - bounds[k]) * m * h * sizes[k]
+        assert budget / 4 <= used < budget / 4 + m * h * sizes[k]
+
+
+def test_parse_model_kwargs() -> None:
+    assert _common.parse_kwargs(["patch_size=4", "drop_rate=0.1", "act=gelu"]) == {
+        "patch_size": 4, "drop_rate": 0.1, "act": "gelu",
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="Invalid model kwarg"):
+        _common.parse_kwargs(["oops"])
