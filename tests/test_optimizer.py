@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -243,7 +244,7 @@ def _parity_with_post_local_sgd(rank: int, world: int, name: str) -> dict:
         OPTIMIZERS[name](theirs.parameters()),
         PeriodicModelAverager(period=H, warmup_steps=H - 1),
     )
-    max_diff, synced, diverged = 0.0, [], False
+    max_diff, synced = 0.0, []
     for t in range(STEPS):
         x, y = batch(1000 * rank + t)  # different data per rank
         train_step(ours, opt, x, y)
@@ -414,18 +415,19 @@ def _nonfinite(rank: int, world: int, mode: str) -> dict:
         with torch.no_grad():
             model[0].weight[0, 0] = float("nan")
     before = params_of(model)
+    opt.optimizer.step = lambda closure=None: None  # keep the parameters as they are
     try:
-        import warnings
-
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            opt.optimizer.step = lambda closure=None: None  # keep the parameters as they are
             opt.step()
-        return dict(error=None, warned=[str(x.message) for x in w], unchanged=all(
-            torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(a.nan_to_num(), b.nan_to_num())
-            for a, b in zip(before, params_of(model))), num_syncs=opt.num_syncs)
     except FloatingPointError as e:
         return dict(error=str(e))
+    unchanged = all(
+        torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+        for a, b in zip(before, params_of(model))
+    )
+    return dict(error=None, warned=[str(x.message) for x in w], unchanged=unchanged,
+                num_syncs=opt.num_syncs)
 
 
 @pytest.mark.timeout(120)
