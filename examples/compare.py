@@ -223,6 +223,7 @@ def _worker(rank: int, world: int, init_method: str, argvs: list[list[str]]) -> 
             dist.barrier()
     finally:
         dist.destroy_process_group()
+    train._exit_worker()
 
 
 def _fmt(v: Any, spec: str = "") -> str:
