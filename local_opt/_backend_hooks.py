@@ -600,9 +600,10 @@ class StatsCapture:
         return GradStats(
             count=n,
             unit_size=1,
-            grad_sum=[g * c for g in stats.grad_sum],
+            grad_sum=stats.grad_sum,
             sq_norm_sum=stats.sq_norm_sum * c**2,
             inner_sq_sum=lambda v: inner(v) * c**2,
+            sum_scale=stats.sum_scale * c,
         )
 
 

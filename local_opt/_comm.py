@@ -172,12 +172,13 @@ def broadcast(
 
 
 def all_reduce_sum(
-    tensors: Sequence[Tensor], process_group: dist.ProcessGroup | None = None
+    tensors: Sequence[Tensor], process_group: dist.ProcessGroup | None = None, scale: float = 1.0
 ) -> list[Tensor]:
-    """Sums of the tensors over the group, as views of one flat buffer per ``(device, dtype)``.
+    """Sums of ``scale`` times the tensors over the group, as views of one flat buffer per
+    ``(device, dtype)`` (``scale`` may differ between ranks).
 
     The inputs are not modified. Without torch.distributed (or with one rank) the inputs are
-    returned as they are.
+    returned as they are, not scaled.
     """
     if not is_distributed(process_group):
         return list(tensors)
@@ -185,6 +186,8 @@ def all_reduce_sum(
     out: list[Tensor] = list(tensors)
     for group in _buckets(tensors):
         flat = _flatten(group)
+        if scale != 1.0:
+            flat.mul_(scale)
         dist.all_reduce(flat, group=process_group)
         offset = 0
         for t in group:

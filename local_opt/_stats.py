@@ -54,10 +54,14 @@ class GradStats:
     Attributes:
         count: number of units ``n`` on this rank.
         unit_size: samples per unit (1 for exact per-sample backends, ``m`` for micro-batches).
-        grad_sum: ``Σ_i g_i``, one tensor per parameter (parameter order of the backend).
+        grad_sum: ``Σ_i g_i / sum_scale``, one tensor per parameter (parameter order of the
+            backend). :func:`pool` only reads it, so it may be the model's own ``.grad``.
         sq_norm_sum: ``Σ_i ‖g_i‖²`` as a 0-dim float64 tensor.
         inner_sq_sum: ``v ↦ Σ_i ⟨g_i, v⟩²`` (0-dim float64) for a vector ``v`` given per
-            parameter, like ``grad_sum``. Called once, with the pooled mean gradient.
+            parameter, like ``grad_sum``. Called once, with a multiple of the pooled mean
+            gradient (the pooled ``grad_sum``).
+        sum_scale: the factor between ``grad_sum`` and ``Σ_i g_i`` (default: 1.0; may differ
+            between ranks), so that a backend can hand over a scaled sum without a copy.
     """
 
     count: int
@@ -65,6 +69,7 @@ class GradStats:
     grad_sum: list[Tensor]
     sq_norm_sum: Tensor
     inner_sq_sum: Callable[[Sequence[Tensor]], Tensor]
+    sum_scale: float = 1.0
 
 
 @dataclass
@@ -84,11 +89,16 @@ class PooledStats:
 
 
 def pool(stats: GradStats, process_group: dist.ProcessGroup | None = None) -> PooledStats:
-    """Sum one rank's :class:`GradStats` over the group and evaluate ``Q`` at the pooled mean.
+    r"""Sum one rank's :class:`GradStats` over the group and evaluate ``Q`` at the pooled mean.
 
     Communication: one all-reduce of the gradient's size (a flat buffer per dtype), then two
     all-reduces of 2 and 1 float64 scalars. Without torch.distributed (or with one rank) nothing is
-    communicated and nothing is copied but the mean.
+    communicated or copied. The mean :math:`\bar g = c\,T` is never materialized, and
+    :math:`\lVert\bar g\rVert^2 = c^2\lVert T\rVert^2`, :math:`Q(\bar g) = c^2 Q(T)` (``Q`` is
+    quadratic in its argument). On one rank :math:`T` is ``grad_sum`` itself and
+    :math:`c` = ``sum_scale / N``; over several, :math:`T` is the all-reduced sum of each rank's
+    ``sum_scale * grad_sum`` (scaled in the all-reduce's own buffer, so ranks may differ in
+    ``sum_scale``) and :math:`c = 1/N`.
     """
     world = _comm.world_size(process_group)
     grads = [g.detach() for g in stats.grad_sum]
@@ -96,13 +106,16 @@ def pool(stats: GradStats, process_group: dist.ProcessGroup | None = None) -> Po
     scalars = torch.stack(
         [torch.tensor(float(stats.count), dtype=torch.float64), stats.sq_norm_sum.double().cpu()]
     ).to(device)
-    total = _comm.all_reduce_sum(grads, process_group)
+    if _comm.is_distributed(process_group):  # scaled in the flat copy, before the sum
+        total, scale = _comm.all_reduce_sum(grads, process_group, stats.sum_scale), 1.0
+    else:  # no copy: the scale stays a factor
+        total, scale = grads, stats.sum_scale
     _comm.all_reduce_sum_(scalars, process_group)
     n = int(round(scalars[0].item()))
-    mean_list = torch._foreach_div(total, float(n))
+    c = scale / max(n, 1)
     # per-tensor norms (one fused kernel), squared and summed in float64
-    mean_sq_norm = math.fsum(float(x) ** 2 for x in torch._foreach_norm(mean_list))
-    q = stats.inner_sq_sum(mean_list).double().reshape(1).to(device)
+    mean_sq_norm = c * c * math.fsum(float(x) ** 2 for x in torch._foreach_norm(total))
+    q = stats.inner_sq_sum(total).double().reshape(1).to(device) * (c * c)
     _comm.all_reduce_sum_(q, process_group)
     return PooledStats(
         count=n,

@@ -14,7 +14,12 @@ from torch import Tensor, nn
 
 from local_opt import _comm, _stats
 from local_opt._backend_hooks import hooks_stats, supports, unsupported_layers
-from local_opt._backend_microbatch import microbatch_stats, stats_from_micro_batch_grads
+from local_opt._backend_microbatch import (
+    MicroBatchRecorder,
+    Workspace,
+    microbatch_stats,
+    stats_from_micro_batch_grads,
+)
 from local_opt._backend_vmap import vmap_stats
 from local_opt._validate import is_int
 
@@ -147,8 +152,8 @@ class VarianceTest:
       The model must be transformable by ``torch.func`` (no ``.item()``, no data-dependent
       Python control flow, no in-place updates of buffers other than BatchNorm's).
     * ``"microbatch"`` — an unbiased estimate from the mean gradients of ``micro_batches``
-      equal micro-batches of the batch (one extra forward/backward of the batch; free with
-      :meth:`suggest_from_micro_batch_grads` when training already accumulates gradients over
+      equal micro-batches of the batch (one extra forward/backward of the batch; almost free
+      with :meth:`record_micro_batches` when training already accumulates gradients over
       micro-batches). Works for any model; noisier (``micro_batches - 1`` degrees of freedom per
       rank instead of ``b - 1``). Formulas in :mod:`local_opt._backend_microbatch`.
     * ``"hooks"`` — exact per-sample squared norms and inner products from forward/backward
@@ -289,6 +294,7 @@ class VarianceTest:
         self.last_stats: dict[str, Any] = {}
         self._calls = 0  # calls of suggest*, saved in state_dict
         self._last: int | None = None  # last suggestion, saved in state_dict
+        self._workspace = Workspace()  # record_micro_batches' buffers, reused between steps
 
     def __repr__(self) -> str:
         cap = "" if self.max_batch_size is None else f", max_batch_size={self.max_batch_size}"
@@ -340,7 +346,8 @@ class VarianceTest:
         """Like :meth:`suggest` with the ``"microbatch"`` estimate, from gradients already computed.
 
         For training with gradient accumulation: pass the gradients of the micro-batches of the
-        last step and no forward/backward is spent on the test.
+        last step and no forward/backward is spent on the test. :meth:`record_micro_batches`
+        does the same from ordinary ``backward()`` calls, without copying gradients.
 
         Args:
             grads: ``grads[l]`` is the list of gradients (one per parameter, the same parameters in
@@ -368,6 +375,91 @@ class VarianceTest:
         if skipped is not None:
             return skipped
         return self._decide(stats, batch_size, "microbatch_grads")
+
+    def record_micro_batches(
+        self, micro_batch_size: int, *, grad_scale: float | None = None
+    ) -> MicroBatchRecorder:
+        r"""Record the micro-batch statistics of a gradient-accumulation step as it runs.
+
+        The cheapest way to run the test when training accumulates gradients: every
+        ``backward()`` inside the ``with`` block is one micro-batch, and hooks on the parameters
+        read each micro-batch's gradient on its way into ``.grad`` (nothing is recomputed, the
+        training code is unchanged, and ``.grad`` ends up exactly as without the recorder).
+        Then :meth:`suggest_from_recorded` runs the test with the ``"microbatch"`` estimate of
+        :mod:`local_opt._backend_microbatch`, pooled over the ranks. The norm test keeps no
+        gradient (one read of each micro-batch gradient); the inner-product tests also copy the
+        gradients of all micro-batches but the first into ``k - 1`` gradient-sized buffers that
+        this VarianceTest keeps for the next step. Details and costs:
+        :class:`~local_opt._backend_microbatch.MicroBatchRecorder`.
+
+        Args:
+            micro_batch_size (int): samples per micro-batch (the same for every micro-batch and
+                on every rank).
+            grad_scale (float, optional): the factor the micro-batch *mean* loss is multiplied
+                by before ``backward()`` — with a GradScaler, its scale times that. None (the
+                default) means ``1 / k`` for ``k`` recorded micro-batches: the usual
+                ``(loss / k).backward()``.
+
+        Returns:
+            MicroBatchRecorder: a context manager, single-use per step (it can be entered again
+            for a later step).
+
+        Example::
+
+            >>> k = 4
+            >>> ends_round = opt.local_step + 1 == opt.sync_every
+            >>> with vt.record_micro_batches(len(x) // k) if ends_round else nullcontext() as rec:
+            ...     for xs, ys in zip(x.chunk(k), y.chunk(k)):
+            ...         (F.cross_entropy(model(xs), ys) / k).backward()
+            >>> opt.step()
+            >>> if opt.synced:
+            ...     sampler.set_batch_size(vt.suggest_from_recorded(rec, sampler.batch_size))
+
+        .. warning::
+            Ask for the suggestion before anything modifies ``.grad`` in place (gradient
+            clipping, ``zero_grad(set_to_none=False)``, ``GradScaler.unscale_``): the sum of
+            the micro-batch gradients is read from ``.grad`` itself, and an error is raised if
+            it changed. Run no other backward pass inside the block.
+        """
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return MicroBatchRecorder(
+            params,
+            micro_batch_size,
+            grad_scale=grad_scale,
+            keep_grads=self.test != "norm",
+            workspace=self._workspace,
+        )
+
+    def suggest_from_recorded(self, recorder: MicroBatchRecorder, batch_size: int) -> int:
+        """Like :meth:`suggest`, from a finished :meth:`record_micro_batches` block.
+
+        A collective call, like :meth:`suggest`: every rank calls it at the same steps. The
+        gradients are those of the recorded step, taken at each rank's parameters *before* the
+        round's averaging (as with :meth:`suggest_from_micro_batch_grads`); with Local SGD the
+        ranks' models then differ by up to ``sync_every`` local steps, and that disagreement
+        counts as variance (the suggestion errs towards larger batches). :meth:`suggest` after
+        the round avoids it, at the price of a forward/backward.
+
+        Args:
+            recorder (MicroBatchRecorder): returned by :meth:`record_micro_batches` of this
+                test, after its ``with`` block.
+            batch_size (int): the current per-worker batch size :math:`b`.
+        """
+        batch_size = _check_batch_size(batch_size)
+        if not isinstance(recorder, MicroBatchRecorder):
+            raise TypeError(
+                f"Invalid recorder: expected a MicroBatchRecorder, got {type(recorder).__name__}"
+            )
+        if self.test != "norm" and not recorder.keep_grads:
+            raise ValueError(
+                f"Invalid recorder: it kept no gradients, which test={self.test!r} needs (make it "
+                "with this VarianceTest's record_micro_batches)"
+            )
+        stats = recorder.grad_stats()  # validates; cheap
+        skipped = self._skip(batch_size)
+        if skipped is not None:
+            return skipped
+        return self._decide(stats, batch_size, "microbatch_recorded")
 
     def _skip(self, batch_size: int) -> int | None:
         """Count the call; on a round without test, the last suggestion (else None)."""
