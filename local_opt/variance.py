@@ -398,7 +398,8 @@ class VarianceTest:
             grad_scale (float, optional): the factor the micro-batch *mean* loss is multiplied
                 by before ``backward()`` — with a GradScaler, its scale times that. None (the
                 default) means ``1 / k`` for ``k`` recorded micro-batches: the usual
-                ``(loss / k).backward()``.
+                ``(loss / k).backward()``. The suggested batch size does not depend on a factor
+                shared by all ranks; the variances and norms in :attr:`last_stats` do.
 
         Returns:
             MicroBatchRecorder: a context manager, single-use per step (it can be entered again

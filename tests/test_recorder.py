@@ -203,6 +203,30 @@ def test_optimizer_step_between_block_and_suggestion():
         assert vt.last_stats["raw_augmented"] == pytest.approx(ref["raw_augmented"], rel=1e-10)
 
 
+def test_loss_scaler_scale_is_the_grad_scale():
+    """With a GradScaler, grad_scale = scale / k; suggest before scaler.step (it unscales)."""
+    x, y = make_data(0)
+    x = x.float()
+    results = []
+    for use_scaler in (False, True):
+        model = make_net(dtype=torch.float32)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=use_scaler)
+        vt = VarianceTest(model, F.cross_entropy, test="augmented", **ONES)
+        with vt.record_micro_batches(M, grad_scale=scaler.get_scale() / K) as rec:
+            for i in range(K):
+                sl = slice(i * M, (i + 1) * M)
+                scaler.scale(F.cross_entropy(model(x[sl]), y[sl]) / K).backward()
+        b = vt.suggest_from_recorded(rec, 2)
+        results.append((b, {k: vt.last_stats[k] for k in KEYS}))
+        scaler.step(opt)
+        scaler.update()
+    (b0, s0), (b1, s1) = results
+    assert b0 == b1
+    for key in KEYS:  # the variances and norms too, which a wrong scale would change
+        assert s1[key] == pytest.approx(s0[key], rel=1e-5), key
+
+
 def test_every_skips_and_recorder_misuse():
     model = make_net()
     x, y = make_data(0)
