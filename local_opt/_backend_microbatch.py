@@ -153,6 +153,16 @@ def microbatch_stats(
     return stats_from_micro_batch_grads(grads, m)
 
 
+def _wide(t: Tensor) -> Tensor:
+    """``t`` itself, or a float32 copy when it is half precision (norms, dots would overflow)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _dot(a: Tensor, w: Tensor) -> Tensor:
+    """``⟨a, w⟩`` in float64 (0-dim); ``w`` flat and already wide."""
+    return torch.dot(_wide(a).reshape(-1), w.to(_wide(a).dtype)).double()
+
+
 class Workspace:
     """Gradient-sized buffers for :class:`MicroBatchRecorder`, reused from step to step."""
 
@@ -261,10 +271,13 @@ class MicroBatchRecorder:
             self._handles.append(p.register_hook(self._hook(j)))
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if exc_type is not None:  # the block's own error propagates; this recording is void
+            self._units, self._grads = 0, None
+            return
         if self._queued:
             raise RuntimeError("MicroBatchRecorder: the block ended inside a backward pass")
         self._grads = []
@@ -288,7 +301,7 @@ class MicroBatchRecorder:
             if len(self._norms) == u:
                 self._norms.append([])
             g = g.detach()
-            self._norms[u].append(torch.linalg.vector_norm(g))
+            self._norms[u].append(torch.linalg.vector_norm(_wide(g)))
             if j not in self._first:
                 self._first[j] = u
             elif self.keep_grads:
@@ -335,9 +348,9 @@ class MicroBatchRecorder:
                 return torch.tensor(float("nan"), dtype=torch.float64)
             dots = torch.zeros(k, dtype=torch.float64, device=v[0].device)
             for j, u0 in first.items():
-                w = v[j].reshape(-1)
-                rest = [(u, torch.dot(g.reshape(-1), w).double()) for u, g in kept.get(j, [])]
-                total = torch.dot(sums[j].reshape(-1), w).double()
+                w = _wide(v[j]).reshape(-1)
+                rest = [(u, _dot(g, w)) for u, g in kept.get(j, [])]
+                total = _dot(sums[j], w)
                 for u, d in rest:
                     dots[u] += d
                     total = total - d

@@ -113,6 +113,8 @@ def pool(stats: GradStats, process_group: dist.ProcessGroup | None = None) -> Po
     _comm.all_reduce_sum_(scalars, process_group)
     n = int(round(scalars[0].item()))
     c = scale / max(n, 1)
+    if any(t.dtype == torch.float16 for t in total):  # c·T could fit where T does not
+        total, c = torch._foreach_mul(total, c), 1.0
     # per-tensor norms (one fused kernel), squared and summed in float64
     mean_sq_norm = c * c * math.fsum(float(x) ** 2 for x in torch._foreach_norm(total))
     q = stats.inner_sq_sum(total).double().reshape(1).to(device) * (c * c)
