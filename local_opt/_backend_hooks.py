@@ -21,7 +21,7 @@ inner products are summed over layers *before* they are squared.
 Covered layers: ``nn.Linear`` (on vectors or on sequences, as in attention blocks),
 ``nn.Conv1d``/``nn.Conv2d`` (any stride, padding, dilation and groups), ``nn.Embedding``,
 ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d`` and timm's ``LayerNorm``,
-``LayerNorm2d``, ``GroupNorm``, ``LayerScale``; subclasses that do not override ``forward`` too.
+``LayerNorm2d``, ``GroupNorm``, ``LayerScale``, ``BatchNormAct2d``; subclasses that do not override ``forward`` too.
 A *bare* parameter (owned by a module without a rule, like timm ViT's ``cls_token`` and
 ``pos_embed``) is covered when its first dimension is 1 and it has at least 2 dimensions: such a
 parameter is broadcast along the batch dimension, so the pass uses ``N`` copies of it (one per
@@ -296,23 +296,61 @@ def _tensors(x: Any) -> list[Tensor]:
     return []
 
 
+def _register_site(site: Site, on_call: Callable[[Tensor, Tensor], None]) -> list[Any]:
+    """Forward hooks calling ``on_call(x, y)`` once per forward of ``site.module``: ``x`` its
+    input (detached), ``y`` the output the rule differentiates — the module's output, or the
+    input of the rule's :meth:`~Rule.output_child` — before any in-place op can change ``y``."""
+
+    def read_input(args: tuple, kwargs: dict) -> Tensor:
+        x = input_of(args, kwargs)
+        if not isinstance(x, Tensor):
+            raise RuntimeError(f"The hooks backend cannot read the input of {site.name}")
+        return x.detach()
+
+    def emit(x: Tensor, y: Any) -> None:
+        if isinstance(y, Tensor) and y.requires_grad:
+            on_call(x, y)
+
+    child = site.rule.output_child(site.module)
+    if child is None:
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if isinstance(output, Tensor) and output.requires_grad:
+                emit(read_input(args, kwargs), output)
+
+        return [site.module.register_forward_hook(hook, with_kwargs=True)]
+    pending: list[Tensor] = []
+
+    def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        pending[:] = [read_input(args, kwargs)]
+
+    def child_pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if pending:  # the child called from its parent's forward, not on its own
+            emit(pending.pop(), input_of(args, kwargs))
+
+    def post(module: nn.Module, args: tuple, output: Any) -> None:
+        if pending:  # never silently without this layer's gradient
+            pending.clear()
+            raise RuntimeError(
+                f"The hooks backend expected {site.name} ({type(site.module).__name__}) to call "
+                f"its {type(child).__name__} submodule on the output it differentiates"
+            )
+
+    return [
+        site.module.register_forward_pre_hook(pre, with_kwargs=True),
+        child.register_forward_pre_hook(child_pre, with_kwargs=True),
+        site.module.register_forward_hook(post),
+    ]
+
+
 @contextlib.contextmanager
 def _capture(model: nn.Module, sites: list[Site]):
     """Forward hooks saving each covered module's input and the gradient edge of its output."""
 
-    def make_hook(site: Site):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if not isinstance(output, Tensor) or not output.requires_grad:
-                return
-            x = input_of(args, kwargs)
-            if not isinstance(x, Tensor):
-                raise RuntimeError(f"The hooks backend cannot read the input of {site.name}")
-            x = x.detach()
-            site.calls.append(Call(x, x._version, get_gradient_edge(output)))
+    def make_on_call(site: Site) -> Callable[[Tensor, Tensor], None]:
+        return lambda x, y: site.calls.append(Call(x, x._version, get_gradient_edge(y)))
 
-        return hook
-
-    handles = [s.module.register_forward_hook(make_hook(s), with_kwargs=True) for s in sites]
+    handles = [h for s in sites for h in _register_site(s, make_on_call(s))]
     try:
         yield
     finally:
@@ -514,9 +552,7 @@ class StatsCapture:
             )
         self._sites, self._bare, self._forwards, self._bare_grads = sites, bare, 0, {}
         for s in sites:
-            self._handles.append(
-                s.module.register_forward_hook(self._layer_hook(s), with_kwargs=True)
-            )
+            self._handles.extend(_register_site(s, self._on_call(s)))
         self._handles.append(
             self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         )
@@ -529,19 +565,15 @@ class StatsCapture:
             h.remove()
         self._handles = []
 
-    def _layer_hook(self, site: Site):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if self._validating or not isinstance(output, Tensor) or not output.requires_grad:
+    def _on_call(self, site: Site) -> Callable[[Tensor, Tensor], None]:
+        def on_call(x: Tensor, y: Tensor) -> None:
+            if self._validating:
                 return
-            x = input_of(args, kwargs)
-            if not isinstance(x, Tensor):
-                raise RuntimeError(f"The hooks backend cannot read the input of {site.name}")
-            x = x.detach()
             call = Call(x, x._version, None)
             site.calls.append(call)
-            output.register_hook(lambda g: setattr(call, "delta", g))
+            y.register_hook(lambda g: setattr(call, "delta", g))
 
-        return hook
+        return on_call
 
     def _pre_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._validating:

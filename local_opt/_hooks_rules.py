@@ -138,6 +138,11 @@ class Rule:
         """Why this module cannot be handled (``None`` if it can)."""
         return None
 
+    def output_child(self, module: nn.Module) -> nn.Module | None:
+        """The submodule whose input is this rule's output, when the module's own output comes
+        after more computation (None: the module's output)."""
+        return None
+
     def keep_request(self, site: Site, n: int) -> tuple[float, int] | None:
         """``(saving, bytes)`` if keeping per-sample gradients is this site's cheapest option."""
         return None
@@ -487,6 +492,21 @@ class BatchNormRule(_Diagonal):
         )
 
 
+class BatchNormActRule(BatchNormRule):
+    """timm's ``BatchNormAct2d``: BatchNorm2d, then its ``drop`` and ``act`` submodules. ``δ`` is
+    taken at the BatchNorm output, which is the input of ``drop`` (before an in-place
+    activation overwrites it)."""
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        for name in ("drop", "act"):
+            if not isinstance(getattr(module, name, None), nn.Module):
+                return f"no {name} submodule"
+        return None
+
+    def output_child(self, module: nn.Module) -> nn.Module | None:
+        return module.drop
+
+
 class LayerScaleRule(_Diagonal):
     """timm's ``LayerScale`` (``x * gamma`` over the last dim), not in place."""
 
@@ -581,6 +601,7 @@ NAMED_RULES: dict[str, Rule] = {
     "timm.layers.norm.LayerNorm2d": LayerNorm2dRule(),
     "timm.layers.norm.GroupNorm": GroupNormRule(),
     "timm.layers.norm.GroupNorm1": GroupNormRule(),
+    "timm.layers.norm_act.BatchNormAct2d": BatchNormActRule(),
     "timm.layers.layer_scale.LayerScale": LayerScaleRule(),
     "timm.layers.layer_scale.LayerScale2d": LayerScale2dRule(),
 }

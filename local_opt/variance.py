@@ -158,10 +158,11 @@ class VarianceTest:
       rank instead of ``b - 1``). Formulas in :mod:`local_opt._backend_microbatch`.
     * ``"hooks"`` — exact per-sample squared norms and inner products from forward/backward
       hooks on the parameterized layers (Linear, also over sequences; Conv1d/2d; Embedding;
-      LayerNorm, GroupNorm, BatchNorm; timm's LayerNorm2d and LayerScale; broadcast bare
-      parameters such as a ViT's ``cls_token`` and ``pos_embed``), never materializing the
-      model's per-sample gradients: per layer a closed form (Gram-matrix "ghost norms") or a
-      per-layer per-sample gradient within a memory budget. About one extra forward/backward
+      LayerNorm, GroupNorm, BatchNorm; timm's LayerNorm2d, LayerScale and BatchNormAct2d;
+      broadcast bare parameters such as a ViT's ``cls_token`` and ``pos_embed``), never
+      materializing the model's per-sample gradients: per layer a closed form (Gram-matrix
+      "ghost norms") or a per-layer per-sample gradient within a memory budget. About one
+      extra forward/backward
       (1.06x a training step on timm resnet18, 1.4x on a ViT-tiny, measured on CPU). With a
       BatchNorm in training mode, :math:`g_i` is sample :math:`i`'s *contribution* to the batch
       gradient — each layer's parameter gradient split by the sample index of that layer's

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 
 import pytest
@@ -536,3 +537,76 @@ def test_backend_entry_point_without_inner_products():
     assert rel(flat(lean.grad_sum), flat(full.grad_sum)) <= 1e-12
     assert rel(lean.sq_norm_sum, full.sq_norm_sum) <= 1e-12
     assert torch.isnan(lean.inner_sq_sum([torch.zeros_like(g) for g in lean.grad_sum]))
+
+
+# ----------------------------------------------------------------------------------------------
+# timm's BatchNormAct2d: δ at the BatchNorm output, before the (in-place) activation
+# ----------------------------------------------------------------------------------------------
+
+
+def _bn_act_net():
+    timm = pytest.importorskip("timm")
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1),
+        BatchNormAct2d(6, act_layer=nn.ReLU, inplace=True),  # ReLU overwrites the BN output
+        nn.Conv2d(6, 6, 3, stride=2, padding=1),
+        BatchNormAct2d(6, act_layer=nn.SiLU, inplace=True, drop_layer=nn.Identity),
+        nn.Flatten(),
+        nn.Linear(6 * 16, 3),
+    ).double()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, BatchNormAct2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    return timm, net
+
+
+def test_timm_batchnorm_act_eval_matches_vmap():
+    timm, net = _bn_act_net()
+    net.eval()
+    assert unsupported_layers(net) == []
+    x = torch.randn(5, 2, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 1, 0])
+    check_against(net, F.cross_entropy, x, y, vmap_per_sample(net, F.cross_entropy, x, y), 1e-10)
+    eff = timm.create_model("test_efficientnet", num_classes=4).double().eval()
+    assert unsupported_layers(eff) == []  # efficientnet-style models no longer fall back
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    y = torch.tensor([1, 3])
+    check_against(eff, F.cross_entropy, x, y, vmap_per_sample(eff, F.cross_entropy, x, y), 1e-10)
+
+
+def test_timm_batchnorm_act_train_mean_is_batch_gradient_and_capture_agrees():
+    _, net = _bn_act_net()
+    net.train()
+    x = torch.randn(6, 2, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 1, 0, 2])
+    state = copy.deepcopy(net.state_dict())
+    batch = torch.autograd.grad(F.cross_entropy(net(x), y), list(net.parameters()))
+    net.load_state_dict(state)
+    sep = hooks_grad_stats(net, F.cross_entropy, x, y)
+    assert rel(flat(sep.grad_sum) / 6, flat(batch)) <= 1e-12
+    net.load_state_dict(state)
+    with StatsCapture(net) as cap:
+        F.cross_entropy(net(x), y).backward()
+    got = cap.grad_stats()
+    assert rel(flat([p.grad for p in net.parameters()]), flat(batch)) <= 1e-12
+    v = [torch.randn_like(p) for p in net.parameters()]
+    assert rel(flat(got.grad_sum) * got.sum_scale, flat(sep.grad_sum) * sep.sum_scale) <= 1e-12
+    assert rel(got.sq_norm_sum, sep.sq_norm_sum) <= 1e-12
+    assert rel(got.inner_sq_sum(v), sep.inner_sq_sum(v)) <= 1e-12
+
+
+def test_batchnorm_act_that_skips_its_drop_is_an_error():
+    _, net = _bn_act_net()
+    bn = net[1]
+    bn.forward = lambda x: bn.act(F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight,
+                                               bn.bias, False, 0.0, bn.eps))
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="expected 1 .*to call its Identity"):
+        hooks_grad_stats(net.eval(), F.cross_entropy, x, torch.tensor([0, 1, 2]))
