@@ -316,7 +316,7 @@ def _register_site(site: Site, on_call: Callable[[Tensor, Tensor], None]) -> lis
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if isinstance(output, Tensor) and output.requires_grad:
-                emit(read_input(args, kwargs), output)
+                on_call(read_input(args, kwargs), output)
 
         return [site.module.register_forward_hook(hook, with_kwargs=True)]
     pending: list[Tensor] = []

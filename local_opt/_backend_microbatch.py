@@ -53,6 +53,24 @@ from local_opt._stats import GradStats
 __all__: list[str] = []  # private module
 
 
+def _wide(t: Tensor) -> Tensor:
+    """``t`` itself, or a float32 copy when it is half precision (norms, dots would overflow)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _dot(a: Tensor, w: Tensor) -> Tensor:
+    """``⟨a, w⟩`` in float64 (0-dim); ``w`` flat and already wide."""
+    a = _wide(a)
+    return torch.dot(a.reshape(-1), w.to(a.dtype)).double()
+
+
+def _check_micro_batch_size(micro_batch_size: object) -> None:
+    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int):
+        raise TypeError(f"Invalid micro_batch_size: {micro_batch_size!r} (expected an int)")
+    if micro_batch_size < 1:
+        raise ValueError(f"Invalid micro_batch_size: {micro_batch_size}")
+
+
 def stats_from_micro_batch_grads(
     grads: Sequence[Sequence[Tensor]], micro_batch_size: int
 ) -> GradStats:
@@ -64,10 +82,7 @@ def stats_from_micro_batch_grads(
             on every rank).
         micro_batch_size: samples per micro-batch, :math:`m`.
     """
-    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int):
-        raise TypeError(f"Invalid micro_batch_size: {micro_batch_size!r} (expected an int)")
-    if micro_batch_size < 1:
-        raise ValueError(f"Invalid micro_batch_size: {micro_batch_size}")
+    _check_micro_batch_size(micro_batch_size)
     if len(grads) == 0 or len(grads[0]) == 0:
         raise ValueError("Invalid grads: expected at least one micro-batch of at least one tensor")
     shapes = [g.shape for g in grads[0]]
@@ -86,14 +101,9 @@ def stats_from_micro_batch_grads(
     sq_norm_sum = sq_norms.double().pow(2).sum()
 
     def inner_sq_sum(v: Sequence[Tensor]) -> Tensor:
-        flat_v = [t.reshape(-1) for t in v]
+        flat_v = [_wide(t).reshape(-1) for t in v]
         dots = torch.stack(
-            [
-                torch.stack([torch.dot(g.reshape(-1), w) for g, w in zip(unit, flat_v)])
-                .double()
-                .sum()
-                for unit in units
-            ]
+            [torch.stack([_dot(g, w) for g, w in zip(unit, flat_v)]).sum() for unit in units]
         )
         return dots.pow(2).sum()
 
@@ -151,16 +161,6 @@ def microbatch_stats(
     """Micro-batch :class:`GradStats` of one rank's batch (the ``"microbatch"`` backend)."""
     grads, m = micro_batch_grads(model, loss_fn, inputs, targets, micro_batches)
     return stats_from_micro_batch_grads(grads, m)
-
-
-def _wide(t: Tensor) -> Tensor:
-    """``t`` itself, or a float32 copy when it is half precision (norms, dots would overflow)."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
-def _dot(a: Tensor, w: Tensor) -> Tensor:
-    """``⟨a, w⟩`` in float64 (0-dim); ``w`` flat and already wide."""
-    return torch.dot(_wide(a).reshape(-1), w.to(_wide(a).dtype)).double()
 
 
 class Workspace:
@@ -225,10 +225,7 @@ class MicroBatchRecorder:
         keep_grads: bool = True,
         workspace: Workspace | None = None,
     ) -> None:
-        if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int):
-            raise TypeError(f"Invalid micro_batch_size: {micro_batch_size!r} (expected an int)")
-        if micro_batch_size < 1:
-            raise ValueError(f"Invalid micro_batch_size: {micro_batch_size}")
+        _check_micro_batch_size(micro_batch_size)
         if grad_scale is not None and (
             isinstance(grad_scale, bool)
             or not isinstance(grad_scale, (int, float))
