@@ -14,6 +14,9 @@ from torch.utils.data import Sampler
 __all__ = ["AdaptiveBatchSampler"]
 
 _STATE_KEYS = ("epoch", "position", "batch_size", "seed")
+# The configuration a state belongs to: a state saved under another one is refused on load.
+# (Checked when present, so states written before these keys existed still load.)
+_CONFIG_KEYS = ("dataset_len", "num_replicas", "shuffle", "drop_last")
 
 
 def _is_int(value: Any) -> bool:
@@ -98,11 +101,27 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
     :meth:`load_state_dict` ends the previous one.
 
     **Checkpoints.** :meth:`state_dict` holds the epoch, the position in the epoch, the batch size
-    and the seed (plain ints). A new sampler built with the same dataset and world size and loaded
-    from it yields exactly the remaining batches. The state is the same on every rank, so saving
-    rank 0's suffices. torchdata's ``StatefulDataLoader`` calls :meth:`state_dict` and
-    :meth:`load_state_dict` itself and accounts for prefetching, so with it
+    and the seed, and the configuration they belong to (dataset length, ``num_replicas``,
+    ``shuffle``, ``drop_last``), as plain ints and bools. A new sampler built with the same
+    configuration and loaded from it yields exactly the remaining batches; a sampler with another
+    configuration (or another ``seed``) refuses the state with a ``ValueError`` that names the
+    field, instead of resuming at a position that means something else. The state is the same on
+    every rank, so saving rank 0's suffices. torchdata's ``StatefulDataLoader`` calls
+    :meth:`state_dict` and :meth:`load_state_dict` itself and accounts for prefetching, so with it
     ``loader.state_dict()`` is the complete data-order checkpoint.
+
+    **Resuming in the usual loop.** :meth:`set_epoch` called right after :meth:`load_state_dict`
+    with the epoch the state was saved in keeps the restored position, so the loop PyTorch users
+    write resumes mid-epoch::
+
+        start_epoch = load_checkpoint(path, sampler=sampler, ...)["epoch"]
+        for epoch in range(start_epoch, epochs):
+            sampler.set_epoch(epoch)  # the first call keeps the restored position
+            for x, y in loader:
+                ...
+
+    Any other :meth:`set_epoch` call moves to the start of its epoch as usual: one with another
+    epoch, a second one, or one after the sampler has started iterating.
 
     Args:
         dataset (Sized): dataset to sample from; only its ``len`` is used.
@@ -218,6 +237,8 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         self._generation = 0  # bumped by iter(), set_epoch and load_state_dict
         self._cache_key: tuple[int, int] | None = None
         self._cache: list[int] = []
+        # The epoch of a state just loaded: set_epoch(it) keeps the restored position once.
+        self._loaded_epoch: int | None = None
 
     @property
     def batch_size(self) -> int:
@@ -232,7 +253,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
 
     @property
     def seed(self) -> int:
-        """The shuffling seed (read-only; restored by :meth:`load_state_dict`)."""
+        """The shuffling seed (read-only)."""
         return self._seed
 
     def set_batch_size(self, batch_size: int) -> None:
@@ -259,6 +280,10 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         As for :class:`DistributedSampler`, call it at the start of every epoch with
         ``shuffle=True``, otherwise each epoch repeats the same order. It ends a live iterator.
 
+        The first call after :meth:`load_state_dict`, before the sampler is iterated, with the
+        epoch the state was saved in keeps the restored position instead: the loop that calls
+        ``set_epoch(epoch)`` at the top of every epoch resumes mid-epoch (see the class docstring).
+
         Args:
             epoch (int): epoch number; the shuffling seed is ``seed + epoch``.
 
@@ -267,8 +292,11 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         """
         if not _is_int(epoch):
             raise ValueError(f"Invalid epoch: {epoch!r}")
+        keep_position = self._loaded_epoch is not None and int(epoch) == self._loaded_epoch
+        self._loaded_epoch = None
         self._epoch = int(epoch)
-        self._position = 0
+        if not keep_position:
+            self._position = 0
         self._generation += 1
 
     def _epoch_indices(self) -> list[int]:
@@ -288,6 +316,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         return self._cache
 
     def __iter__(self) -> Iterator[list[int]]:
+        self._loaded_epoch = None  # from now on set_epoch moves to the start of its epoch
         self._generation += 1
         return self._batches(self._generation)
 
@@ -311,32 +340,49 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         """
         return -(-(self.num_samples - self._position) // self._batch_size)
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         """The sampler's progress: ``epoch``, ``position`` (indices of this epoch already yielded
-        on each rank), ``batch_size`` and ``seed``, as plain ints."""
+        on each rank), ``batch_size`` and ``seed``, and the configuration it belongs to:
+        ``dataset_len``, ``num_replicas``, ``shuffle`` and ``drop_last`` (plain ints and bools,
+        the same on every rank)."""
         return {
             "epoch": self._epoch,
             "position": self._position,
             "batch_size": self._batch_size,
             "seed": self.seed,
+            "dataset_len": self._dataset_len,
+            "num_replicas": self.num_replicas,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the progress saved by :meth:`state_dict`; the next iteration yields exactly
-        the batches that remained. It ends a live iterator.
+        the batches that remained, and a :meth:`set_epoch` call with the saved epoch right after
+        keeps that position. It ends a live iterator.
 
         Args:
-            state_dict (dict): a state returned by :meth:`state_dict` of a sampler over a dataset
-                of the same length with the same ``num_replicas``, ``shuffle`` and ``drop_last``.
-                Its ``batch_size`` is clamped to ``max_batch_size``.
+            state_dict (dict): a state returned by :meth:`state_dict` of a sampler with the same
+                configuration: a dataset of the same length, the same ``num_replicas``,
+                ``shuffle``, ``drop_last`` and ``seed`` (``rank`` may differ: the state is the
+                same on every rank). Its ``batch_size`` is clamped to ``max_batch_size``.
 
         Raises:
-            ValueError: if a key is missing or a value is invalid, e.g. a position past the end of
-                this sampler's epoch.
+            ValueError: if the state was saved under another configuration (the message names
+                the field, the saved value and this sampler's), if a key is missing or if a value
+                is invalid, e.g. a position past the end of this sampler's epoch. The sampler is
+                left unchanged.
         """
         missing = [k for k in _STATE_KEYS if k not in state_dict]
         if missing:
             raise ValueError(f"Invalid state_dict: missing {missing}")
+        current = self.state_dict()
+        for key in ("seed", *_CONFIG_KEYS):
+            if key in state_dict and state_dict[key] != current[key]:
+                raise ValueError(
+                    f"Invalid state_dict: saved with {key}={state_dict[key]!r}, but this sampler "
+                    f"has {key}={current[key]!r}"
+                )
         epoch, position = state_dict["epoch"], state_dict["position"]
         batch_size, seed = state_dict["batch_size"], state_dict["seed"]
         if not _is_int(epoch):
@@ -351,8 +397,8 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
             raise ValueError(f"Invalid state_dict seed: {seed!r}")
         self.set_epoch(epoch)
         self.set_batch_size(batch_size)
-        self._seed = int(seed)
         self._position = int(position)
+        self._loaded_epoch = int(epoch)
 
     def __repr__(self) -> str:
         return (

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -124,6 +126,214 @@ def test_checkpoint_names_missing_piece():
             load_checkpoint(path, model=model, sampler=sampler)
         with pytest.raises(TypeError, match="state_dict"):
             save_checkpoint(path, model=object())
+
+
+# --- the loop PyTorch users write: set_epoch(epoch) at the top of every epoch -------------------
+
+EPOCHS = 3
+
+
+def _loader(kind: str, sampler: AdaptiveBatchSampler):
+    if kind == "stateful":
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        return StatefulDataLoader(_dataset(), batch_sampler=sampler, generator=torch.Generator())
+    return DataLoader(_dataset(), batch_sampler=sampler, generator=torch.Generator())
+
+
+def _train_epochs(kind: str, path: str | None, mode: str) -> dict:
+    """The standard epoch loop; mode 'full', 'stop' (save in epoch 1, mid-epoch and mid-round,
+    and quit) or 'resume'.
+
+    With the plain DataLoader (num_workers=0) the sampler is a piece of the checkpoint; with
+    torchdata's StatefulDataLoader the loader is, and it restores the sampler itself.
+    """
+    model, opt, sampler, policy = _build("variance")
+    loader = _loader(kind, sampler)
+    data_piece = {"loader": loader} if kind == "stateful" else {"sampler": sampler}
+    start_epoch = 0
+    if mode == "resume":
+        start_epoch = load_checkpoint(path, model=model, optimizer=opt, policy=policy,
+                                      **data_piece)["epoch"]
+    log: list[tuple[int, int, int, list[int]]] = []  # (epoch, step, batch size, sample indices)
+    for epoch in range(start_epoch, EPOCHS):
+        sampler.set_epoch(epoch)
+        for x, y, idx in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            log.append((epoch, opt.steps, len(idx), idx.tolist()))
+            if opt.synced:
+                sampler.set_batch_size(policy.suggest(x, y, sampler.batch_size))
+            if mode == "stop" and epoch == 1 and opt.local_step == 1:
+                assert sampler.state_dict()["position"] < sampler.num_samples  # mid-epoch
+                save_checkpoint(path, extra={"epoch": epoch}, model=model, optimizer=opt,
+                                policy=policy, **data_piece)
+                return {"log": log}
+    return {"log": log, "params": [p.detach().clone() for p in model.parameters()],
+            "batch_size": sampler.batch_size}
+
+
+def _standard_loop_runs(rank: int, world: int, ckpt_dir: str) -> dict:
+    """For both loaders: an uninterrupted run, one that stops, and its resumption (fresh objects;
+    the resumed state comes from the file alone)."""
+    out = {}
+    for kind in ("plain", "stateful"):
+        path = os.path.join(ckpt_dir, f"{kind}.{rank}.pt")
+        full = _train_epochs(kind, None, "full")
+        stop = _train_epochs(kind, path, "stop")
+        torch.manual_seed(12345)  # the checkpoint restores the RNG: no trace of this may remain
+        out[kind] = (full, stop, _train_epochs(kind, path, "resume"))
+    return out
+
+
+def _check_standard_loop(runs: dict) -> None:
+    for kind in ("plain", "stateful"):
+        full, stop, resume = runs[kind]
+        assert stop["log"] + resume["log"] == full["log"]  # epochs, steps, batch sizes, samples
+        assert all(torch.equal(a, b) for a, b in zip(full["params"], resume["params"]))
+        assert full["batch_size"] == resume["batch_size"]
+        sizes = [b for _, _, b, _ in full["log"]]
+        assert sizes[0] == 2 and full["batch_size"] > 2  # the policy grew the batch
+        assert {e for e, *_ in full["log"]} == set(range(EPOCHS))
+        assert stop["log"][-1][0] == 1  # the cut is in epoch 1
+    assert runs["plain"][0]["log"] == runs["stateful"][0]["log"]
+
+
+@pytest.mark.filterwarnings("ignore:.set_vital. is deprecated")
+def test_standard_epoch_loop_resumes_exactly_single_process(tmp_path):
+    pytest.importorskip("torchdata.stateful_dataloader")
+    _check_standard_loop(_standard_loop_runs(0, 1, str(tmp_path)))
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.filterwarnings("ignore:.set_vital. is deprecated")
+def test_standard_epoch_loop_resumes_exactly_two_ranks(tmp_path):
+    pytest.importorskip("torchdata.stateful_dataloader")
+    runs = run_distributed(_standard_loop_runs, 2, str(tmp_path))
+    for r in runs:
+        _check_standard_loop(r)
+    # the ranks read different samples but agree on the batch sizes (pooled test)
+    logs = [r["plain"][0]["log"] for r in runs]
+    assert [b for _, _, b, _ in logs[0]] == [b for _, _, b, _ in logs[1]]
+    assert logs[0] != logs[1]
+    # a checkpoint of the 2-rank run is refused by a single process (world size 1)
+    model, opt, sampler, policy = _build("variance")
+    with pytest.raises(ValueError, match="saved with world_size=2, but this run has world_size=1"):
+        load_checkpoint(os.path.join(tmp_path, "plain.0.pt"), model=model, optimizer=opt,
+                        sampler=sampler, policy=policy)
+
+
+# --- what a checkpoint may hold, and what it is refused for --------------------------------------
+
+
+class _Payload:
+    """Unpickling it runs code: ``exec`` writes ``marker``."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+class _Opaque:
+    """A picklable object that torch.load(weights_only=True) does not load."""
+
+
+def _primed():
+    """The pieces after two steps (momentum buffers exist), and a copy of the parameters."""
+    model, opt, sampler, policy = _build("stagewise")
+    loader = DataLoader(_dataset(), batch_sampler=sampler, generator=torch.Generator())
+    for _, (x, y, _) in zip(range(2), loader):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, opt, sampler, policy, [p.detach().clone() for p in model.parameters()]
+
+
+def test_a_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    model, opt, sampler, policy, params = _primed()
+    path, marker = str(tmp_path / "c.pt"), str(tmp_path / "marker")
+    save_checkpoint(path, model=model, optimizer=opt)
+    state = torch.load(path, weights_only=True)
+    state["extra"]["note"] = _Payload(marker)  # a tampered file
+    torch.save(state, path)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    changed = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(pickle.UnpicklingError, match="weights_only"):
+        load_checkpoint(path, model=model, optimizer=opt)
+    assert not os.path.exists(marker)  # the payload never ran
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), changed))
+    # the payload is live: loading the file as a trusted one runs it
+    load_checkpoint(path, weights_only=False, model=model, optimizer=opt)
+    assert open(marker).read() == "ran"
+    assert not all(torch.equal(a, b) for a, b in zip(params, changed))
+
+
+def test_save_names_what_weights_only_cannot_load(tmp_path):
+    model, opt, sampler, policy, _ = _primed()
+    path = str(tmp_path / "c.pt")
+    last = list(model.parameters())[3]
+    opt.state[last]["foo"] = _Opaque()
+    with pytest.raises(TypeError, match=r"optimizer\.state\.3\.foo is a .*_Opaque"):
+        save_checkpoint(path, model=model, optimizer=opt)
+    del opt.state[last]["foo"]
+    with pytest.raises(TypeError, match=r"extra\.metrics\.1\.loss is a numpy\.float64"):
+        save_checkpoint(path, extra={"metrics": [{"loss": 1.0}, {"loss": np.float64(0.5)}]},
+                        model=model)
+    assert not os.listdir(tmp_path)  # nothing written
+    # what the pieces of a run hold passes, RNG states included, and loads with weights_only
+    save_checkpoint(path, extra={"epoch": 1, "records": [{"acc": None, "tag": "x"}]},
+                    model=model, optimizer=opt, sampler=sampler, policy=policy)
+    state = torch.load(path, weights_only=True)
+    assert torch.equal(state["rng"]["torch"], torch.get_rng_state())
+
+
+def test_rng_state_survives(tmp_path):
+    model, opt, *_ = _primed()
+    path = str(tmp_path / "c.pt")
+    save_checkpoint(path, model=model)
+    expected = torch.rand(5)
+    torch.manual_seed(999)
+    load_checkpoint(path, model=model)
+    assert torch.equal(torch.rand(5), expected)
+    torch.manual_seed(999)
+    load_checkpoint(path, restore_rng=False, model=model)
+    assert not torch.equal(torch.rand(5), expected)
+
+
+def _other_sync_every(model, opt, sampler):
+    return dict(optimizer=LocalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                         sync_every=3, module=model))
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (_other_sync_every,
+         "saved with optimizer.sync_every=2, but this run has optimizer.sync_every=3"),
+        (lambda m, o, s: dict(sampler=AdaptiveBatchSampler(_dataset(), 2, seed=4)),
+         "saved with seed=3, but this sampler has seed=4"),
+        (lambda m, o, s: dict(sampler=AdaptiveBatchSampler(range(80), 2, seed=3)),
+         "saved with dataset_len=90, but this sampler has dataset_len=80"),
+        (lambda m, o, s: dict(sampler=AdaptiveBatchSampler(_dataset(), 2, seed=3, shuffle=False)),
+         "saved with shuffle=True, but this sampler has shuffle=False"),
+        (lambda m, o, s: dict(sampler=AdaptiveBatchSampler(_dataset(), 2, seed=3, num_replicas=2,
+                                                           rank=1)),
+         "saved with num_replicas=1, but this sampler has num_replicas=2"),
+    ],
+)  # fmt: skip
+def test_load_refuses_another_configuration(tmp_path, change, match):
+    model, opt, sampler, policy, _ = _primed()
+    path = str(tmp_path / "c.pt")
+    save_checkpoint(path, model=model, optimizer=opt, sampler=sampler)
+    pieces = {"model": model, "optimizer": opt, "sampler": sampler}
+    pieces.update(change(model, opt, sampler))
+    with pytest.raises(ValueError, match=match):
+        load_checkpoint(path, **pieces)
 
 
 def _stalled_rank(rank: int, world: int) -> dict:

@@ -308,25 +308,102 @@ def test_resume_at_any_position_yields_the_remaining_batches(
     assert all(r == rests[0] for r in rests)
 
 
-def test_state_dict_contents_and_seed_restored():
+def test_state_dict_contents_and_batch_size_clamped():
     a = AdaptiveBatchSampler(IndexDataset(50), 4, seed=123, max_batch_size=64)
     a.set_epoch(5)
     it = iter(a)
     next(it)
     next(it)
     a.set_batch_size(6)
-    assert a.state_dict() == {"epoch": 5, "position": 8, "batch_size": 6, "seed": 123}
-    b = AdaptiveBatchSampler(IndexDataset(50), 4, seed=0, max_batch_size=5)
+    assert a.state_dict() == {
+        "epoch": 5, "position": 8, "batch_size": 6, "seed": 123,
+        "dataset_len": 50, "num_replicas": 1, "shuffle": True, "drop_last": False,
+    }  # fmt: skip
+    b = AdaptiveBatchSampler(IndexDataset(50), 4, seed=123, max_batch_size=5)
     b.load_state_dict(a.state_dict())
-    assert b.seed == 123 and b.epoch == 5 and b.batch_size == 5  # clamped to max_batch_size
+    assert b.epoch == 5 and b.batch_size == 5  # clamped to max_batch_size
     assert list(itertools.chain.from_iterable(b)) == reference(50, 1, 0, seed=123, epoch=5)[8:]
+
+
+def test_state_of_another_rank_loads():
+    """The state is the same on every rank: rank 1 resumes from rank 0's."""
+    a = AdaptiveBatchSampler(IndexDataset(31), 3, num_replicas=2, rank=0, seed=5)
+    next(iter(a))
+    b = AdaptiveBatchSampler(IndexDataset(31), 3, num_replicas=2, rank=1, seed=5)
+    b.load_state_dict(a.state_dict())
+    assert list(itertools.chain.from_iterable(b)) == reference(31, 2, 1, seed=5)[3:]
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(n=41), "dataset_len=40"),
+        (dict(num_replicas=4), "num_replicas=2"),
+        (dict(shuffle=False), "shuffle=True"),
+        (dict(drop_last=True), "drop_last=False"),
+        (dict(seed=8), "seed=7"),
+    ],
+)
+def test_load_state_dict_refuses_another_configuration(kwargs, field):
+    config = dict(n=40, num_replicas=2, shuffle=True, drop_last=False, seed=7)
+    a = AdaptiveBatchSampler(IndexDataset(config.pop("n")), 3, rank=1, **config)
+    next(iter(a))
+    state = roundtrip(a.state_dict())
+    config.update(kwargs)
+    b = AdaptiveBatchSampler(IndexDataset(config.pop("n", 40)), 3, rank=1, **config)
+    before = b.state_dict()
+    name, saved = field.split("=")
+    current = repr(b.state_dict()[name])
+    with pytest.raises(ValueError, match=f"saved with {field}, but this sampler has {name}={current}"):
+        b.load_state_dict(state)
+    assert b.state_dict() == before
+
+
+def test_set_epoch_after_load_keeps_the_restored_position_once():
+    a = AdaptiveBatchSampler(IndexDataset(30), 4, seed=1)
+    a.set_epoch(2)
+    it = iter(a)
+    next(it)
+    next(it)
+    state = a.state_dict()
+    order = reference(30, 1, 0, seed=1, epoch=2)
+
+    b = AdaptiveBatchSampler(IndexDataset(30), 4, seed=1)
+    b.load_state_dict(state)
+    b.set_epoch(2)  # the epoch it was saved in: keep the position
+    assert list(itertools.chain.from_iterable(b)) == order[8:]
+    b.set_epoch(2)  # the sampler has iterated since: start of the epoch, as always
+    assert list(itertools.chain.from_iterable(b)) == order
+
+    b.load_state_dict(state)
+    b.set_epoch(2)
+    b.set_epoch(2)  # a second call: start of the epoch
+    assert list(itertools.chain.from_iterable(b)) == order
+
+    b.load_state_dict(state)
+    b.set_epoch(3)  # another epoch: its start
+    assert list(itertools.chain.from_iterable(b)) == reference(30, 1, 0, seed=1, epoch=3)
+
+    b.load_state_dict(state)
+    next(iter(b))  # started iterating (e.g. a DataLoader iterator was made): set_epoch resets
+    b.set_epoch(2)
+    assert list(itertools.chain.from_iterable(b)) == order
+
+    # the usual loop, resumed from the state: the rest of epoch 2, then epoch 3 whole
+    b = AdaptiveBatchSampler(IndexDataset(30), 4, seed=1)
+    b.load_state_dict(state)
+    seen = []
+    for epoch in range(2, 4):
+        b.set_epoch(epoch)
+        seen.append(list(itertools.chain.from_iterable(b)))
+    assert seen == [order[8:], reference(30, 1, 0, seed=1, epoch=3)]
 
 
 def test_load_state_dict_ends_live_iterator():
     sampler = AdaptiveBatchSampler(IndexDataset(20), 2, shuffle=False)
     it = iter(sampler)
     next(it)
-    sampler.load_state_dict({"epoch": 0, "position": 10, "batch_size": 5, "seed": 0})
+    sampler.load_state_dict({"epoch": 0, "position": 10, "batch_size": 5, "seed": 0})  # no config
     assert list(it) == []
     assert list(sampler) == [[10, 11, 12, 13, 14], [15, 16, 17, 18, 19]]
 
