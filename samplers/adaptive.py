@@ -108,7 +108,8 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
     field, instead of resuming at a position that means something else. The state is the same on
     every rank, so saving rank 0's suffices. torchdata's ``StatefulDataLoader`` calls
     :meth:`state_dict` and :meth:`load_state_dict` itself and accounts for prefetching, so with it
-    ``loader.state_dict()`` is the complete data-order checkpoint.
+    ``loader.state_dict()`` is the complete data-order checkpoint (see the warning below for
+    batch sizes with ``num_workers > 0``).
 
     **Resuming in the usual loop.** :meth:`set_epoch` called right after :meth:`load_state_dict`
     with the epoch the state was saved in keeps the restored position, so the loop PyTorch users
@@ -177,7 +178,11 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         still agree. For the same reason the
         sampler's own :meth:`state_dict` taken mid-epoch under a multi-worker DataLoader counts
         the prefetched batches as consumed: checkpoint through torchdata's
-        ``StatefulDataLoader`` (or use ``num_workers=0``) for an exact resume.
+        ``StatefulDataLoader`` instead, which resumes at the right sample. The resume is exact,
+        batch sizes included, with ``num_workers=0``. With workers the sample order still is,
+        but a :meth:`set_batch_size` call made within the prefetch window before the checkpoint
+        may reach the resumed run at another batch than it reached the uninterrupted one (the
+        prefetched batches are drawn again, at the size in force when the loader resumes).
 
     .. note::
         For batches that outgrow memory, :func:`samplers.micro_batches` splits a collated batch

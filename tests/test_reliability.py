@@ -96,19 +96,6 @@ def test_resume_single_process_continues_exactly(policy_kind):
     assert full["epoch"] >= 1  # the run crossed an epoch boundary
 
 
-@pytest.mark.timeout(240)
-def test_resume_two_ranks_continues_exactly():
-    with tempfile.TemporaryDirectory() as d:
-        full = run_distributed(_train, 2, "variance", None, "full")
-        stop = run_distributed(_train, 2, "variance", d, "stop")
-        resumed = run_distributed(_train, 2, "variance", d, "resume")
-    _check_resume(full, stop, resumed)
-    # the ranks read different samples but agree on the batch sizes (pooled test)
-    sizes = [[b for _, b, _ in r["log"]] for r in full]
-    assert sizes[0] == sizes[1]
-    assert {i for _, _, ix in full[0]["log"] for i in ix} != {i for _, _, ix in full[1]["log"] for i in ix}
-
-
 def test_same_seed_same_run_bit_for_bit():
     a = _single("variance", None, "full")
     b = _single("variance", None, "full")
@@ -174,17 +161,31 @@ def _train_epochs(kind: str, path: str | None, mode: str) -> dict:
             "batch_size": sampler.batch_size}
 
 
-def _standard_loop_runs(rank: int, world: int, ckpt_dir: str) -> dict:
-    """For both loaders: an uninterrupted run, one that stops, and its resumption (fresh objects;
-    the resumed state comes from the file alone)."""
+def _standard_loop_runs(rank: int, world: int, ckpt_dir: str, phase: str) -> dict:
+    """For both loaders: phase 'first' runs an uninterrupted run and one that stops, 'resume' the
+    resumption (fresh objects; the resumed state comes from the file alone), 'all' both."""
     out = {}
     for kind in ("plain", "stateful"):
         path = os.path.join(ckpt_dir, f"{kind}.{rank}.pt")
-        full = _train_epochs(kind, None, "full")
-        stop = _train_epochs(kind, path, "stop")
-        torch.manual_seed(12345)  # the checkpoint restores the RNG: no trace of this may remain
-        out[kind] = (full, stop, _train_epochs(kind, path, "resume"))
+        runs = ()
+        if phase in ("first", "all"):
+            runs = (_train_epochs(kind, None, "full"), _train_epochs(kind, path, "stop"))
+        if phase in ("resume", "all"):
+            torch.manual_seed(12345)  # the checkpoint restores the RNG: no trace of this may remain
+            runs = (*runs, _train_epochs(kind, path, "resume"))
+        out[kind] = runs
     return out
+
+
+def _two_rank_runs(rank: int, world: int, ckpt_dir: str, phase: str) -> dict:
+    """Both resume tests on 2 ranks in two launches: 'first' (uninterrupted and stopped runs)
+    and 'resume' (a fresh process that continues from the files)."""
+    if phase == "first":
+        old = (_train(rank, world, "variance", None, "full"),
+               _train(rank, world, "variance", ckpt_dir, "stop"))
+    else:
+        old = (_train(rank, world, "variance", ckpt_dir, "resume"),)
+    return {"old": old, "standard": _standard_loop_runs(rank, world, ckpt_dir, phase)}
 
 
 def _check_standard_loop(runs: dict) -> None:
@@ -203,18 +204,27 @@ def _check_standard_loop(runs: dict) -> None:
 @pytest.mark.filterwarnings("ignore:.set_vital. is deprecated")
 def test_standard_epoch_loop_resumes_exactly_single_process(tmp_path):
     pytest.importorskip("torchdata.stateful_dataloader")
-    _check_standard_loop(_standard_loop_runs(0, 1, str(tmp_path)))
+    _check_standard_loop(_standard_loop_runs(0, 1, str(tmp_path), "all"))
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 @pytest.mark.filterwarnings("ignore:.set_vital. is deprecated")
-def test_standard_epoch_loop_resumes_exactly_two_ranks(tmp_path):
+def test_resume_two_ranks_continues_exactly(tmp_path):
+    """Stopped mid-round and mid-epoch, resumed in new processes: the loop that skips set_epoch
+    for the resumed epoch, and the standard epoch loop with both loaders."""
     pytest.importorskip("torchdata.stateful_dataloader")
-    runs = run_distributed(_standard_loop_runs, 2, str(tmp_path))
-    for r in runs:
-        _check_standard_loop(r)
+    first = run_distributed(_two_rank_runs, 2, str(tmp_path), "first")
+    resumed = run_distributed(_two_rank_runs, 2, str(tmp_path), "resume")
+    full, stop = zip(*[r["old"] for r in first])
+    _check_resume(full, stop, [r["old"][0] for r in resumed])
+    for a, b in zip(first, resumed):
+        _check_standard_loop({kind: (*a["standard"][kind], *b["standard"][kind])
+                              for kind in ("plain", "stateful")})
     # the ranks read different samples but agree on the batch sizes (pooled test)
-    logs = [r["plain"][0]["log"] for r in runs]
+    sizes = [[b for _, b, _ in r["log"]] for r in full]
+    assert sizes[0] == sizes[1]
+    assert {i for _, _, ix in full[0]["log"] for i in ix} != {i for _, _, ix in full[1]["log"] for i in ix}
+    logs = [r["standard"]["plain"][0]["log"] for r in first]
     assert [b for _, _, b, _ in logs[0]] == [b for _, _, b, _ in logs[1]]
     assert logs[0] != logs[1]
     # a checkpoint of the 2-rank run is refused by a single process (world size 1)
