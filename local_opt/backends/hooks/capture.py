@@ -18,6 +18,14 @@ from torch.autograd.graph import get_gradient_edge
 
 from local_opt._stats import GradStats
 from local_opt.backends.hooks.assemble import assemble
+from local_opt.backends.hooks.check import (
+    GradFingerprints,
+    UnaccountedGradient,
+    mark_checked,
+    needs_check,
+    unaccounted,
+    warn_unaccounted,
+)
 from local_opt.backends.hooks.plan import (
     _VALIDATED,
     expand_bare,
@@ -26,6 +34,7 @@ from local_opt.backends.hooks.plan import (
     validate_bare,
 )
 from local_opt.backends.hooks.rules import Call, Site, input_of
+from local_opt.backends.vmap import vmap_stats
 
 __all__ = ["StatsCapture", "hooks_grad_stats", "hooks_stats"]
 
@@ -34,6 +43,7 @@ Inputs = Union[Tensor, Sequence[Tensor]]
 # Default memory for per-sample gradients kept between the pass and ``inner_sq_sum``.
 DEFAULT_KEEP_BYTES = 2**30
 _MODES = ("auto", "ghost", "keep", "stream")
+_LOW = (torch.float16, torch.bfloat16)
 
 
 def _split_inputs(inputs: Inputs) -> tuple[Tensor, ...]:
@@ -51,6 +61,7 @@ def hooks_grad_stats(
     keep_bytes: int = DEFAULT_KEEP_BYTES,
     mode: str = "auto",
     inner_products: bool = True,
+    check: bool = True,
 ) -> GradStats:
     r"""Exact per-sample gradient statistics of one batch from one forward and one backward pass.
 
@@ -73,6 +84,11 @@ def hooks_grad_stats(
         inner_products (bool): whether ``inner_sq_sum`` will be called; without it nothing is
             kept for it and it returns NaN (the norm test needs no inner products)
             (default: ``True``).
+        check (bool): verify that the per-sample contributions the hooks saw add up to the
+            batch gradient of every covered parameter (:func:`~.check.unaccounted`); the first
+            pass per model and module modes pays one weight-gradient matmul per layer for it.
+            A parameter that receives gradient through a path the hooks did not see raises
+            :class:`~.check.UnaccountedGradient` (default: ``True``).
 
     Returns:
         GradStats: with ``unit_size=1`` and ``grad_sum`` in the order of the model's trainable
@@ -95,6 +111,8 @@ def hooks_grad_stats(
             f"The hooks backend does not cover {', '.join(missing)}; use the vmap or micro-batch backend"
         )
     params = [p for p in model.parameters() if p.requires_grad]
+    checked = [p for s in sites for p in s.params.values()]
+    verify = check and needs_check(model, checked)
     with _capture(model, sites):
         saved = {k: b.detach().clone() for k, b in model.named_buffers()}
         try:
@@ -113,11 +131,9 @@ def hooks_grad_stats(
                     f"Invalid loss_fn: returned shape {tuple(loss.shape)}, not a scalar"
                 )
             edges: list[Any] = [c.edge for s in sites for c in s.calls]
+            wanted = edges + list(expanded.values()) + (checked if verify else [])
             grads = torch.autograd.grad(
-                loss,
-                edges + list(expanded.values()),
-                grad_outputs=torch.full_like(loss, float(n)),
-                allow_unused=True,
+                loss, wanted, grad_outputs=torch.full_like(loss, float(n)), allow_unused=True
             )
         finally:
             with torch.no_grad():
@@ -126,7 +142,22 @@ def hooks_grad_stats(
                         b.copy_(saved[k])
     if not inner_products:
         keep_bytes = 0
-    return assemble(params, sites, bare, expanded, grads, n, keep_bytes, mode, inner_products)
+    low = any(g is not None and g.dtype in _LOW for g in grads) or any(
+        c.inputs.dtype in _LOW for s in sites for c in s.calls
+    )
+    reference = list(grads[len(grads) - len(checked) :]) if verify else []
+    nsite = len(grads) - len(reference)
+    stats = assemble(
+        params, sites, bare, expanded, grads[:nsite], n, keep_bytes, mode, inner_products
+    )
+    if verify:
+        sums = dict(zip(map(id, params), stats.grad_sum))
+        got = [sums[id(p)] for p in checked]
+        bad = unaccounted(model, checked, got, reference, low)
+        if bad:
+            raise UnaccountedGradient(bad)
+        mark_checked(model, checked)
+    return stats
 
 
 def hooks_stats(
@@ -139,8 +170,18 @@ def hooks_stats(
     **options: Any,
 ) -> GradStats:
     """:func:`hooks_grad_stats` with the backend signature of ``VarianceTest`` (other options,
-    such as ``chunk_size`` or ``micro_batches``, do not apply and are ignored)."""
-    return hooks_grad_stats(model, loss_fn, inputs, targets, inner_products=inner_products)
+    such as ``chunk_size`` or ``micro_batches``, do not apply and are ignored).
+
+    Never silently wrong: when a parameter receives gradient through a path the hooks did not
+    see (:class:`~.check.UnaccountedGradient`), this warns once per model, naming the
+    parameters, and returns the exact statistics of the ``"vmap"`` backend instead; the model
+    is then no longer :func:`~.plan.supports`-ed, so ``"auto"`` chooses for it directly.
+    """
+    try:
+        return hooks_grad_stats(model, loss_fn, inputs, targets, inner_products=inner_products)
+    except UnaccountedGradient as e:
+        warn_unaccounted(model, e)
+    return vmap_stats(model, loss_fn, inputs, targets, inner_products=inner_products, **options)
 
 
 def _register_site(site: Site, on_call: Callable[[Tensor, Tensor], None]) -> list[Any]:
@@ -260,6 +301,8 @@ class StatsCapture:
         self._bare_grads: dict[str, Tensor] = {}
         self._swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
         self._validating = False
+        self._checked: list[nn.Parameter] = []
+        self._fingerprints: GradFingerprints | None = None
 
     def __enter__(self) -> StatsCapture:
         sites, bare, missing = plan_model(self.model)
@@ -269,6 +312,8 @@ class StatsCapture:
                 "micro-batch backend"
             )
         self._sites, self._bare, self._forwards, self._bare_grads = sites, bare, 0, {}
+        self._checked = [p for s in sites for p in s.params.values()]
+        self._fingerprints = GradFingerprints(self._checked)
         for s in sites:
             self._handles.extend(_register_site(s, self._on_call(s)))
         self._handles.append(
@@ -279,6 +324,8 @@ class StatsCapture:
 
     def __exit__(self, *exc: Any) -> None:
         self._restore()
+        if self._fingerprints is not None:
+            self._fingerprints.remove()
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -330,7 +377,11 @@ class StatsCapture:
         self._swapped = []
 
     def grad_stats(self) -> GradStats:
-        """The statistics of the captured step (call after ``backward()``)."""
+        """The statistics of the captured step (call after ``backward()``).
+
+        Raises :class:`~local_opt.backends.hooks.check.UnaccountedGradient` (a RuntimeError)
+        naming the parameters when the contributions the hooks saw do not add up to the
+        gradient the backward computed (see :mod:`~local_opt.backends.hooks.check`)."""
         if self._forwards != 1:
             raise RuntimeError(f"StatsCapture saw {self._forwards} forward passes, expected 1")
         calls = [c for s in self._sites for c in s.calls]
@@ -341,10 +392,20 @@ class StatsCapture:
         params = [p for p in self.model.parameters() if p.requires_grad]
         expanded = {q: p for q, p in self._bare}
         c = n / self.grad_scale  # the captured δ are grad_scale·∂L/∂out; the core wants N·∂L/∂out
+        low = any(
+            x is not None and x.dtype in _LOW for c_ in calls for x in (c_.inputs, c_.delta)
+        )
         stats = assemble(
             params, self._sites, self._bare, expanded, grads, n, self.keep_bytes, self.mode,
             scale=c,
         )
         for s in self._sites:
             s.calls = []
+        if self._fingerprints is not None:
+            sums = dict(zip(map(id, params), stats.grad_sum))
+            bad = self._fingerprints.unaccounted(
+                self.model, [sums[id(p)] for p in self._checked], low
+            )
+            if bad:
+                raise UnaccountedGradient(bad)
         return stats
