@@ -493,6 +493,29 @@ def test_capture_matches_vmap_and_keeps_training_gradients(scale):
     assert rel(stats.inner_sq_sum(v), ref_q) <= 1e-10
 
 
+@pytest.mark.parametrize("test", ["norm", "augmented"])
+def test_suggest_from_capture_equals_suggest(test):
+    from local_opt import StatsCapture as PublicStatsCapture
+    from local_opt import VarianceTest
+
+    assert PublicStatsCapture is StatsCapture
+    torch.manual_seed(0)
+    model = TinyTransformer().double()
+    ids = torch.randint(1, 11, (5, 7))
+    y = torch.randint(0, 3, (5,))
+    ref = VarianceTest(model, F.cross_entropy, test=test, backend="hooks", max_batch_size=10**6)
+    b_ref = ref.suggest(ids, y, 5)
+    with StatsCapture(model, grad_scale=0.5) as cap:
+        (F.cross_entropy(model(ids), y) * 0.5).backward()
+    vt = VarianceTest(model, F.cross_entropy, test=test, max_batch_size=10**6)
+    assert vt.suggest_from_capture(cap, 5) == b_ref
+    assert vt.last_stats["backend"] == "hooks_capture"
+    for key in ("mean_sq_norm", "sq_norm_sum", "raw"):
+        assert vt.last_stats[key] == pytest.approx(ref.last_stats[key], rel=1e-10), key
+    with pytest.raises(TypeError, match="Invalid capture"):
+        vt.suggest_from_capture(object(), 5)
+
+
 def test_capture_batchnorm_train_equals_separate_pass():
     torch.manual_seed(0)
     model = BNNet().double().train()
@@ -733,3 +756,60 @@ def test_mutation_dropped_contribution_is_detected(monkeypatch, mutation):
         with StatsCapture(fresh) as cap:
             F.cross_entropy(fresh(x), y).backward()
         cap.grad_stats()
+
+
+# ----------------------------------------------------------------------------------------------
+# "auto" when the hooks backend cannot cover a model: vmap or microbatch by cost and memory
+# ----------------------------------------------------------------------------------------------
+
+
+class Conv3dBN(nn.Module):
+    """A Conv3d (no hooks rule) and, optionally, a BatchNorm1d in training mode."""
+
+    def __init__(self, bn: bool):
+        super().__init__()
+        self.conv3d = nn.Conv3d(1, 2, 2)
+        self.bn = nn.BatchNorm1d(2) if bn else nn.Identity()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv3d(x).mean((2, 3, 4))))
+
+
+def _policy_run(model, b, **kw):
+    import warnings
+
+    from local_opt import VarianceTest
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, 1, 3, 3, 3, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 2, (b,), generator=gen)
+    vt = VarianceTest(model, F.cross_entropy, max_batch_size=10**6, **kw)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        vt.suggest(x, y, b)
+    return vt.last_stats["backend"], [str(m.message) for m in w if "auto" in str(m.message)]
+
+
+@pytest.mark.parametrize(
+    "bn, b, budget, choice, says",
+    [
+        (False, 16, None, "vmap", "exact"),
+        (True, 4, None, "vmap", "O(b^2)"),  # cheap enough at b=4, and the warning says so
+        (True, 16, None, "microbatch", "O(b^2)"),  # ~16 passes: the estimate instead
+        (False, 16, 1000, "microbatch", "MiB of per-sample gradients"),  # over the memory budget
+    ],
+)
+def test_auto_fallback_policy(monkeypatch, bn, b, budget, choice, says):
+    from local_opt import backends
+
+    if budget is not None:
+        monkeypatch.setattr(backends, "MEMORY_BUDGET", budget)
+    torch.manual_seed(0)
+    model = Conv3dBN(bn).double().train()
+    backend, warned = _policy_run(model, b)
+    assert backend == choice
+    assert len(warned) == 1 and "conv3d" in warned[0] and repr(choice) in warned[0]
+    assert says in warned[0]
+    again, warned = _policy_run(model, b)  # one warning per model and choice
+    assert again == choice and warned == []

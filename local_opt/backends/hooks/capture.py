@@ -19,6 +19,7 @@ from torch.autograd.graph import get_gradient_edge
 from local_opt._stats import GradStats
 from local_opt.backends.hooks.assemble import assemble
 from local_opt.backends.hooks.check import (
+    UNCOVERED,
     GradFingerprints,
     UnaccountedGradient,
     mark_checked,
@@ -34,6 +35,7 @@ from local_opt.backends.hooks.plan import (
     validate_bare,
 )
 from local_opt.backends.hooks.rules import Call, Site, input_of
+from local_opt.backends.stack import in_backward, plain_checkpoints
 from local_opt.backends.vmap import vmap_stats
 
 __all__ = ["StatsCapture", "hooks_grad_stats", "hooks_stats"]
@@ -113,7 +115,7 @@ def hooks_grad_stats(
     params = [p for p in model.parameters() if p.requires_grad]
     checked = [p for s in sites for p in s.params.values()]
     verify = check and needs_check(model, checked)
-    with _capture(model, sites):
+    with _capture(model, sites), torch.enable_grad(), plain_checkpoints(non_reentrant=False):
         saved = {k: b.detach().clone() for k, b in model.named_buffers()}
         try:
             expanded = {q: expand_bare(p, n) for q, p in bare}
@@ -177,17 +179,20 @@ def hooks_stats(
     parameters, and returns the exact statistics of the ``"vmap"`` backend instead; the model
     is then no longer :func:`~.plan.supports`-ed, so ``"auto"`` chooses for it directly.
     """
-    try:
-        return hooks_grad_stats(model, loss_fn, inputs, targets, inner_products=inner_products)
-    except UnaccountedGradient as e:
-        warn_unaccounted(model, e)
+    if model not in UNCOVERED:
+        try:
+            return hooks_grad_stats(model, loss_fn, inputs, targets, inner_products=inner_products)
+        except UnaccountedGradient as e:
+            warn_unaccounted(model, e)
     return vmap_stats(model, loss_fn, inputs, targets, inner_products=inner_products, **options)
 
 
 def _register_site(site: Site, on_call: Callable[[Tensor, Tensor], None]) -> list[Any]:
     """Forward hooks calling ``on_call(x, y)`` once per forward of ``site.module``: ``x`` its
     input (detached), ``y`` the output the rule differentiates — the module's output, or the
-    input of the rule's :meth:`~Rule.output_child` — before any in-place op can change ``y``."""
+    input of the rule's :meth:`~Rule.output_child` — before any in-place op can change ``y``.
+    Forwards run by autograd during a backward (a checkpoint's recomputation) are ignored: the
+    gradient flows through the graph of the first forward."""
 
     def read_input(args: tuple, kwargs: dict) -> Tensor:
         x = input_of(args, kwargs)
@@ -203,14 +208,15 @@ def _register_site(site: Site, on_call: Callable[[Tensor, Tensor], None]) -> lis
     if child is None:
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if isinstance(output, Tensor) and output.requires_grad:
+            if isinstance(output, Tensor) and output.requires_grad and not in_backward():
                 on_call(read_input(args, kwargs), output)
 
         return [site.module.register_forward_hook(hook, with_kwargs=True)]
     pending: list[Tensor] = []
 
     def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        pending[:] = [read_input(args, kwargs)]
+        if not in_backward():
+            pending[:] = [read_input(args, kwargs)]
 
     def child_pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
         if pending:  # the child called from its parent's forward, not on its own
@@ -249,13 +255,24 @@ def _capture(model: nn.Module, sites: list[Site]):
 class StatsCapture:
     r"""Per-sample gradient statistics from the training step's own forward and backward.
 
-    Instead of the separate pass of :func:`hooks_grad_stats`, the hooks ride on the step that
-    precedes a synchronization: the extra cost is only the per-layer norms, sums and inner
-    products. The model's ``.grad`` is accumulated by ``backward()`` as usual; BatchNorm running
-    statistics are updated by the forward as usual.
+    The exact statistics of the ``"hooks"`` backend (per-sample squared norms
+    :math:`\lVert g_i\rVert^2` and, later, inner products :math:`\langle g_i, \bar g\rangle`;
+    `Lau et al., 2024 <https://arxiv.org/abs/2406.13936>`_) without the separate pass of
+    :func:`hooks_grad_stats`: the hooks ride on the training step that precedes a
+    synchronization, so the extra cost is only the per-layer norms, sums and inner products.
+    The model's ``.grad`` is accumulated by ``backward()`` as usual; BatchNorm running statistics
+    are updated by the forward as usual. Hand the result to
+    :meth:`local_opt.VarianceTest.suggest_from_capture`, which pools it over the ranks and
+    applies the test.
+
+    Never silently wrong: a hook on each covered parameter reads two numbers of the gradient the
+    backward computes, and :meth:`grad_stats` raises
+    :class:`~local_opt.backends.hooks.check.UnaccountedGradient` naming the parameters whose
+    gradient the layer hooks did not fully see (see :mod:`local_opt.backends.hooks.check`).
 
     Args:
-        model (nn.Module): the model; :func:`unsupported_layers` must be empty.
+        model (nn.Module): the module whose forward the step calls, or the inner module of a
+            DDP wrapper (``ddp.module``); :func:`unsupported_layers` must be empty.
         grad_scale (float): the factor the mean batch loss was multiplied by before
             ``backward()`` (e.g. ``1 / K`` when accumulating ``K`` micro-batches, or a loss
             scaler's scale) (default: 1.0).
@@ -265,14 +282,18 @@ class StatsCapture:
     .. warning::
         Exactly one forward and one backward of ``model`` may run inside the ``with`` block,
         and the backward must be of ``grad_scale`` times the *mean* loss of that batch.
+        Non-reentrant activation checkpointing is fine (the recomputation is ignored); a
+        reentrant checkpoint hides its layers' gradients from the hooks, which the check above
+        reports. A ``torch.compile``'d forward is not supported (the hooks must run eagerly).
 
     Example::
 
         >>> with StatsCapture(model) as cap:
         ...     loss = F.cross_entropy(model(x), y)
         ...     loss.backward()
-        >>> stats = cap.grad_stats()
         >>> opt.step()
+        >>> if opt.synced:
+        ...     sampler.set_batch_size(vt.suggest_from_capture(cap, sampler.batch_size))
     """
 
     def __init__(

@@ -108,6 +108,7 @@ def unaccounted(
     for s, g in zip(sums, reference):
         s = s.detach()
         g = torch.zeros_like(s) if g is None else g.detach().to(s.dtype)
+        g = g.to_dense() if g.is_sparse else g
         diffs.append(torch.linalg.vector_norm(s - g, dtype=torch.float64))
         scales.append(
             torch.maximum(
@@ -139,7 +140,7 @@ class GradFingerprints:
 
     def _hook(self, j: int):
         def hook(g: Tensor) -> None:
-            g = g.detach()
+            g = g.detach().to_dense() if g.is_sparse else g.detach()
             p = self.params[j].detach()
             self.seen[j] = (
                 torch.linalg.vector_norm(g, dtype=torch.float64),
