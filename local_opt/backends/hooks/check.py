@@ -18,8 +18,11 @@ bfloat16 (autocast): a use outside the hooks that carries less than that fractio
 parameter's gradient is not detected.
 
 * :func:`~local_opt.backends.hooks.hooks_grad_stats` asks autograd for :math:`G_p` on the first
-  pass per model and per combination of module modes (``train``/``eval``) — one weight-gradient
-  matmul per layer — and then trusts the model's structure for later passes.
+  pass per model and per combination of module modes (``train``/``eval``) — the weight
+  gradients the rules otherwise skip: measured 2.4x the unchecked pass on timm resnet18 at
+  32x32, b=32, one CPU thread (oneDNN's convolution weight gradient is slow there) — and then
+  trusts the model's structure for later passes (a model whose forward takes another path for
+  another batch is checked only on the first).
 * :class:`~local_opt.backends.hooks.StatsCapture` compares on every step, for free: the
   training step's backward computes :math:`G_p` anyway; a hook on each parameter keeps two
   numbers of it, :math:`\lVert G_p\rVert` and :math:`\langle G_p, p\rangle` (a random direction
