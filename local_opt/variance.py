@@ -103,8 +103,10 @@ class VarianceTest:
       statistics — whose mean is exactly the batch gradient (this differs from ``"vmap"``'s
       Jacobian rows, which split the gradient by loss term instead). Details in
       :mod:`local_opt.backends.hooks`.
-    * ``"auto"`` — ``"hooks"`` when it covers every parameter of the model, else ``"vmap"``,
-      with a one-time warning naming the layer it lacks.
+    * ``"auto"`` — ``"hooks"`` when it covers every parameter of the model, else ``"vmap"`` or
+      ``"microbatch"`` by estimated cost and memory, with one warning naming the layer and the
+      choice (:mod:`local_opt.backends`). Every backend runs on the inner module of DDP and
+      ``torch.compile`` wrappers, with gradients enabled (:mod:`local_opt.backends.stack`).
 
     ``suggest`` leaves the model as it found it: parameters, buffers (BatchNorm running
     statistics), ``.grad``, train/eval mode and ``requires_grad`` flags. Only parameters with
