@@ -813,3 +813,10 @@ def test_auto_fallback_policy(monkeypatch, bn, b, budget, choice, says):
     assert says in warned[0]
     again, warned = _policy_run(model, b)  # one warning per model and choice
     assert again == choice and warned == []
+
+
+def test_unseen_gradient_fallback_says_when_it_is_the_quadratic_path():
+    model = nn.Sequential(TiedHead(), nn.BatchNorm1d(3)).double().train()
+    x, y = _accounting_data((6, 5))
+    with pytest.warns(RuntimeWarning, match=r"0\.fc\.weight.*O\(b\^2\)"):
+        hooks_stats(model, F.cross_entropy, x, y)

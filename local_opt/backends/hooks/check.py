@@ -198,13 +198,25 @@ class GradFingerprints:
 def warn_unaccounted(model: nn.Module, error: UnaccountedGradient) -> None:
     """Warn once per model that the hooks backend hands it to ``"vmap"``; remember the model as
     not covered."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
     first = model not in UNCOVERED
     UNCOVERED[model] = error.names
     if first:
+        coupled = any(
+            isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)
+            for m in model.modules()
+        )
+        cost = (
+            " (its BatchNorm-with-batch-statistics path costs O(b^2): about b forward+backward "
+            "passes; backend='microbatch' is the cheap estimate)"
+            if coupled
+            else ""
+        )
         warnings.warn(
             f"The hooks backend did not see every use of {', '.join(error.names)} (the "
             "per-sample contributions do not add up to the batch gradient); using the exact "
-            "'vmap' backend for this model instead",
+            f"'vmap' backend for this model instead{cost}",
             RuntimeWarning,
             stacklevel=4,
         )
