@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from local_opt.backends.hooks.check import UNCOVERED
 from local_opt.backends.hooks.rules import Site, find_rule
 
 __all__: list[str] = []  # private module
@@ -73,6 +74,8 @@ def plan_model(model: nn.Module) -> tuple[list[Site], list[tuple[str, nn.Paramet
         for n, p in trainable.items():
             if _is_broadcast(p):
                 bare.append((f"{mname}.{n}" if mname else n, p))
+    if model in UNCOVERED:
+        missing.append(f"{', '.join(UNCOVERED[model])} (gradient through a path the hooks missed)")
     return sites, bare, missing
 
 
