@@ -46,8 +46,13 @@ class LocalOptimizer(Optimizer):
     :math:`\Delta = \theta - \frac1M\sum_k x^{k}`, and :math:`\theta` becomes every worker's model.
     Outer SGD with ``lr=1`` and no momentum is plain averaging.
 
-    ``param_groups`` and ``state`` *are* the wrapped optimizer's, so learning-rate schedulers and
-    ``group["lr"]`` edits reach it. Without torch.distributed initialized, or with a group of one
+    ``param_groups``, ``state`` and ``defaults`` *are* the wrapped optimizer's, so learning-rate
+    schedulers (``SequentialLR``, ``OneCycleLR``, ...) and ``group["lr"]`` edits reach it. The rest
+    of the ``torch.optim.Optimizer`` API works on the wrapper as on any optimizer: step pre/post
+    hooks (they see the wrapper and run around the whole step, round included), ``state_dict`` /
+    ``load_state_dict`` hooks, ``add_param_group``, ``zero_grad(set_to_none)`` and the profiler's
+    ``Optimizer.step#LocalOptimizer.step`` record. (Global hooks from
+    ``register_optimizer_step_pre_hook`` run for the wrapper and for the wrapped optimizer.) Without torch.distributed initialized, or with a group of one
     rank, ``step`` is bit-for-bit the wrapped optimizer's (rounds are still counted, nothing is
     communicated).
 
@@ -98,6 +103,24 @@ class LocalOptimizer(Optimizer):
         Parameters (and ``module``'s buffers) are broadcast from rank 0 at construction, as
         ``DistributedDataParallel`` does, so all workers start from the same model. Build the
         ``LocalOptimizer`` on every rank at the same point of the program.
+
+    .. note::
+        **Mixed precision.** bf16 ``autocast`` needs nothing special. With a ``GradScaler`` call
+        ``scaler.step(opt)`` on the wrapper: it then calls ``opt.step()`` at *every* step (the
+        wrapper declares ``_step_supports_amp_scaling``), and the wrapper unscales the gradients
+        and runs the wrapped optimizer, or skips the wrapped optimizer's step when the scaler found
+        an inf or a NaN on this rank. A skipped step still counts: the round counter counts calls
+        of :meth:`step`, so rounds stay aligned across ranks when one rank skips (its model enters
+        the average as it was). Each rank's scaler keeps its own scale (Local SGD shares no
+        gradients).
+
+    .. note::
+        **Nodes.** ``DistributedDataParallel`` over the ranks this optimizer averages is refused
+        (it all-reduces gradients at every step). For several nodes, run DDP (or identical
+        replicas) inside each node and average across nodes every ``sync_every`` steps:
+        ``groups = local_opt.topology.node_groups()``,
+        ``model = DDP(model, process_group=groups.intra)``,
+        ``LocalOptimizer(inner, sync_every=H, module=model, process_group=groups.inter)``.
 
     .. warning::
         Every rank must call :meth:`step` the same number of times between rounds: a round is a

@@ -599,3 +599,143 @@ def test_masked_transformer_buffers_and_channels_last_on_two_ranks():
         assert r["conv_max_diff"] == 0.0 and all(r["formats"])
         assert r["calls"] == [torch.float32, torch.float32]  # one collective per round (2 rounds)
     assert not torch.equal(res[0]["rm"], res[1]["rm"])
+
+
+# ------------------------------------------------- the torch.optim API, side by side
+def _api_step_hooks(model, opt):
+    log = []
+    h1 = opt.register_step_pre_hook(lambda o, args, kwargs: log.append(("pre", o is opt)))
+    opt.register_step_post_hook(lambda o, args, kwargs: log.append(("post", o is opt)))
+    for t in range(3):
+        train_step(model, opt, *batch(t))
+        if t == 1:
+            h1.remove()
+    return log
+
+
+def _api_state_dict_hooks(model, opt):
+    log = []
+    opt.register_state_dict_pre_hook(lambda o: log.append(("pre", o is opt)))
+
+    def post(o, sd):
+        sd["extra"] = 7
+        return sd
+
+    opt.register_state_dict_post_hook(post)
+    train_step(model, opt, *batch(0))
+    sd = opt.state_dict()
+    return log, sd["extra"], sorted(k for k in sd if k != "local_opt")
+
+
+def _api_load_state_dict_hooks(model, opt):
+    log = []
+    train_step(model, opt, *batch(0))
+    sd = copy.deepcopy(opt.state_dict())
+
+    def pre(o, sd):
+        log.append(("pre", o is opt))
+        sd["param_groups"][0]["lr"] = 0.03
+        return sd
+
+    opt.register_load_state_dict_pre_hook(pre)
+    opt.register_load_state_dict_post_hook(lambda o: log.append(("post", o is opt)), prepend=True)
+    opt.load_state_dict(sd)
+    train_step(model, opt, *batch(1))
+    return log, opt.param_groups[0]["lr"]
+
+
+def _api_add_param_group(model, opt):
+    head = nn.Linear(3, 2)
+    with torch.no_grad():
+        head.weight.fill_(0.1), head.bias.zero_()
+    opt.add_param_group({"params": list(head.parameters()), "lr": 0.01})
+    for t in range(3):
+        x, y = batch(t)
+        opt.zero_grad()
+        F.cross_entropy(head(model(x)), y % 2).backward()
+        opt.step()
+    return len(opt.param_groups), opt.param_groups[1]["lr"], params_of(head)
+
+
+def _api_zero_grad(model, opt):
+    train_step(model, opt, *batch(0))
+    opt.zero_grad(set_to_none=False)
+    zeros = [p.grad is not None and not p.grad.any() for p in model.parameters()]
+    opt.zero_grad()
+    return zeros, [p.grad is None for p in model.parameters()]
+
+
+def _api_defaults(model, opt):
+    return dict(opt.defaults), opt.defaults["lr"]
+
+
+def _api_profiler_names(model, opt):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        train_step(model, opt, *batch(0))
+    names = {e.name for e in prof.events()}
+    cls = type(opt).__name__
+    return f"Optimizer.step#{cls}.step" in names, f"Optimizer.zero_grad#{cls}.zero_grad" in names
+
+
+def _run_scheduler(make):
+    def case(model, opt):
+        sched = make(opt)
+        seen = []
+        for t in range(6):
+            loss = train_step(model, opt, *batch(t))
+            sched.step(loss) if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau) \
+                else sched.step()
+            seen.append((opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]))
+        return seen, sched.state_dict().get("last_epoch")
+
+    return case
+
+
+def _api_state_dict_round_trip(model, opt):
+    for t in range(3):
+        train_step(model, opt, *batch(t))
+    sd = copy.deepcopy(opt.state_dict())
+    model2 = copy.deepcopy(model)
+    inner2 = torch.optim.SGD(model2.parameters(), lr=0.5, momentum=0.9)
+    opt2 = LocalOptimizer(inner2, sync_every=2) if isinstance(opt, LocalOptimizer) else inner2
+    opt2.load_state_dict(sd)
+    for t in range(3, 6):
+        train_step(model, opt, *batch(t))
+        train_step(model2, opt2, *batch(t))
+    sd.pop("local_opt", None)
+    return sd, [torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters())]
+
+
+SCHED = torch.optim.lr_scheduler
+API_CASES = {
+    "step_hooks": _api_step_hooks,
+    "state_dict_hooks": _api_state_dict_hooks,
+    "load_state_dict_hooks": _api_load_state_dict_hooks,
+    "add_param_group": _api_add_param_group,
+    "zero_grad": _api_zero_grad,
+    "defaults": _api_defaults,
+    "profiler_names": _api_profiler_names,
+    "state_dict_round_trip": _api_state_dict_round_trip,
+    "SequentialLR": _run_scheduler(lambda o: SCHED.SequentialLR(
+        o, [SCHED.LinearLR(o, 0.1, total_iters=2), SCHED.CosineAnnealingLR(o, T_max=4)], [2])),
+    "OneCycleLR": _run_scheduler(lambda o: SCHED.OneCycleLR(o, max_lr=0.5, total_steps=6)),
+    "LambdaLR": _run_scheduler(lambda o: SCHED.LambdaLR(o, lambda e: 1 / (1 + e))),
+    "ReduceLROnPlateau": _run_scheduler(lambda o: SCHED.ReduceLROnPlateau(o, patience=0)),
+}
+
+
+@pytest.mark.parametrize("case", API_CASES)
+def test_torch_optim_api_side_by_side_with_the_wrapped_optimizer(case):
+    """Every call of the Optimizer API gives on the wrapper what it gives on the bare optimizer."""
+    results = []
+    for wrap in (False, True):
+        model = make_model()
+        inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        opt = LocalOptimizer(inner, sync_every=2) if wrap else inner
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+            observed = API_CASES[case](model, opt)
+        results.append((observed, params_of(model)))
+    (bare, bare_params), (wrapped, wrapped_params) = results
+    assert repr(wrapped) == repr(bare)  # tensors compare by their values in repr
+    assert_same(wrapped_params, bare_params)
