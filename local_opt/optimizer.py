@@ -118,7 +118,7 @@ class LocalOptimizer(Optimizer):
         **Nodes.** ``DistributedDataParallel`` over the ranks this optimizer averages is refused
         (it all-reduces gradients at every step). For several nodes, run DDP (or identical
         replicas) inside each node and average across nodes every ``sync_every`` steps:
-        ``groups = local_opt.topology.node_groups()``,
+        ``groups = node_groups()`` (from :mod:`local_opt.topology`),
         ``model = DDP(model, process_group=groups.intra)``,
         ``LocalOptimizer(inner, sync_every=H, module=model, process_group=groups.inter)``.
 
