@@ -5,68 +5,20 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from local_opt import _comm, _stats
-from local_opt._backend_hooks import hooks_stats, supports, unsupported_layers
-from local_opt._backend_microbatch import (
-    MicroBatchRecorder,
-    Workspace,
-    microbatch_stats,
-    stats_from_micro_batch_grads,
-)
-from local_opt._backend_vmap import vmap_stats
+from local_opt import _comm, _stats, backends
 from local_opt._validate import is_int
+from local_opt.backends.microbatch import stats_from_micro_batch_grads
+from local_opt.backends.recorder import MicroBatchRecorder, Workspace
 
 __all__ = ["VarianceTest"]
 
-Backend = Callable[..., _stats.GradStats]
-
-#: Backends by name: ``(model, loss_fn, inputs, targets, **options) -> GradStats`` for this rank's
-#: batch. VarianceTest passes the options ``chunk_size`` (int or None), ``micro_batches`` (int)
-#: and ``inner_products`` (bool, False when the test does not need ``inner_sq_sum``, which may
-#: then return NaN); a backend takes them as keywords and ignores the ones it does not use.
-_BACKENDS: dict[str, Backend] = {
-    "hooks": hooks_stats,
-    "vmap": vmap_stats,
-    "microbatch": microbatch_stats,
-}
-
-#: Exact backends that ``backend="auto"`` prefers over ``"vmap"``, fastest first, each with a
-#: predicate ``model -> bool`` telling whether it supports the model as it is now.
-_AUTO_PREFERENCE: list[tuple[str, Callable[[nn.Module], bool]]] = [("hooks", supports)]
-
-#: Models already warned about falling back from the hooks backend (one warning per model).
-_WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-
 _TESTS = ("norm", "inner_product", "augmented")
-
-
-def _resolve_backend(model: nn.Module) -> str:
-    """The backend ``"auto"`` means for ``model``: the first exact backend that supports it.
-
-    Falling back to ``"vmap"`` warns once per model, naming the layer the hooks backend lacks.
-    """
-    for name, check in _AUTO_PREFERENCE:
-        if check(model):
-            return name
-    missing = unsupported_layers(model)
-    if missing and model not in _WARNED:
-        _WARNED.add(model)
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        warnings.warn(
-            f"VarianceTest(backend='auto'): the hooks backend does not cover {missing[0]}{more}; "
-            "using the exact but slower 'vmap' backend (pass backend='microbatch' for a cheap "
-            "estimate)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    return "vmap"
 
 
 def _check_positive_float(name: str, value: Any) -> float:
@@ -81,26 +33,6 @@ def _check_batch_size(batch_size: Any) -> int:
     if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"Invalid batch_size: {batch_size!r} (expected an int >= 1)")
     return int(batch_size)
-
-
-def raw_batch_sizes(
-    pooled: _stats.PooledStats, eta: float, theta: float, nu: float
-) -> dict[str, float]:
-    """The variances and the real-valued batch size each test asks for, from pooled statistics.
-
-    Keys: ``norm_variance``, ``inner_product_variance``, ``orthogonal_variance`` and ``raw_norm``,
-    ``raw_inner_product``, ``raw_orthogonality``, ``raw_augmented`` (before ``ceil``). Requires
-    ``pooled.count >= 2`` and ``pooled.mean_sq_norm > 0``.
-    """
-    return {
-        "norm_variance": _stats.norm_variance(pooled),
-        "inner_product_variance": _stats.inner_product_variance(pooled),
-        "orthogonal_variance": _stats.orthogonal_variance(pooled),
-        "raw_norm": _stats.norm_test(pooled, eta),
-        "raw_inner_product": _stats.inner_product_test(pooled, theta),
-        "raw_orthogonality": _stats.orthogonality_test(pooled, nu),
-        "raw_augmented": _stats.augmented_test(pooled, theta, nu),
-    }
 
 
 class VarianceTest:
@@ -155,7 +87,7 @@ class VarianceTest:
       equal micro-batches of the batch (one extra forward/backward of the batch; almost free
       with :meth:`record_micro_batches` when training already accumulates gradients over
       micro-batches). Works for any model; noisier (``micro_batches - 1`` degrees of freedom per
-      rank instead of ``b - 1``). Formulas in :mod:`local_opt._backend_microbatch`.
+      rank instead of ``b - 1``). Formulas in :mod:`local_opt.backends.microbatch`.
     * ``"hooks"`` — exact per-sample squared norms and inner products from forward/backward
       hooks on the parameterized layers (Linear, also over sequences; Conv1d/2d; Embedding;
       LayerNorm, GroupNorm, BatchNorm; timm's LayerNorm2d, LayerScale and BatchNormAct2d;
@@ -169,7 +101,7 @@ class VarianceTest:
       input and output, the backpropagated signal including the coupling through the batch
       statistics — whose mean is exactly the batch gradient (this differs from ``"vmap"``'s
       Jacobian rows, which split the gradient by loss term instead). Details in
-      :mod:`local_opt._backend_hooks`.
+      :mod:`local_opt.backends.hooks`.
     * ``"auto"`` — ``"hooks"`` when it covers every parameter of the model, else ``"vmap"``,
       with a one-time warning naming the layer it lacks.
 
@@ -269,9 +201,8 @@ class VarianceTest:
             raise TypeError(f"Invalid loss_fn: expected a callable, got {type(loss_fn).__name__}")
         if test not in _TESTS:
             raise ValueError(f"Invalid test: {test!r} (expected one of {', '.join(_TESTS)})")
-        if backend != "auto" and backend not in _BACKENDS:
-            names = ", ".join(["auto", *_BACKENDS])
-            raise ValueError(f"Invalid backend: {backend!r} (expected one of {names})")
+        if backend != "auto":
+            backends.get(backend)  # ValueError naming the choices
         if max_batch_size is not None and (not is_int(max_batch_size) or max_batch_size < 1):
             raise ValueError(f"Invalid max_batch_size: {max_batch_size!r} (expected an int >= 1)")
         if not is_int(every) or every < 1:
@@ -329,8 +260,8 @@ class VarianceTest:
         skipped = self._skip(batch_size)
         if skipped is not None:
             return skipped
-        backend = _resolve_backend(self.model) if self.backend == "auto" else self.backend
-        stats = _BACKENDS[backend](
+        backend = backends.resolve(self.backend, self.model)
+        stats = backends.get(backend)(
             self.model,
             self.loss_fn,
             inputs,
@@ -387,11 +318,11 @@ class VarianceTest:
         read each micro-batch's gradient on its way into ``.grad`` (nothing is recomputed, the
         training code is unchanged, and ``.grad`` ends up exactly as without the recorder).
         Then :meth:`suggest_from_recorded` runs the test with the ``"microbatch"`` estimate of
-        :mod:`local_opt._backend_microbatch`, pooled over the ranks. The norm test keeps no
+        :mod:`local_opt.backends.microbatch`, pooled over the ranks. The norm test keeps no
         gradient (one read of each micro-batch gradient); the inner-product tests also copy the
         gradients of all micro-batches but the first into ``k - 1`` gradient-sized buffers that
         this VarianceTest keeps for the next step. Details and costs:
-        :class:`~local_opt._backend_microbatch.MicroBatchRecorder`.
+        :class:`~local_opt.backends.recorder.MicroBatchRecorder`.
 
         Args:
             micro_batch_size (int): samples per micro-batch (the same for every micro-batch and
@@ -496,7 +427,7 @@ class VarianceTest:
             return self._keep(batch_size, f"non-finite mean gradient norm ({g2})")
         if g2 == 0.0:
             return self._keep(batch_size, "zero mean gradient")
-        info.update(raw_batch_sizes(pooled, self.eta, self.theta, self.nu))
+        info.update(_stats.raw_batch_sizes(pooled, self.eta, self.theta, self.nu))
         raw = info[f"raw_{self.test}"]
         info["raw"] = raw
         if not math.isfinite(raw):
