@@ -54,9 +54,9 @@ def _flatten(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def _dense_strides(t: Tensor) -> bool:
-    """Whether ``t``'s elements fill ``t.numel()`` consecutive slots of memory, in some order of
-    its dims (contiguous, ``channels_last``, a transpose, ...), so a flat buffer can hold it with its
-    strides."""
+    """Whether ``t``'s elements fill ``t.numel()`` consecutive slots of memory in some order of
+    its dims (contiguous, ``channels_last``, a transpose, ...): a flat buffer can then hold it
+    with its strides."""
     expected = 1
     for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
         if size == 1:

@@ -52,9 +52,9 @@ class LocalOptimizer(Optimizer):
     hooks (they see the wrapper and run around the whole step, round included), ``state_dict`` /
     ``load_state_dict`` hooks, ``add_param_group``, ``zero_grad(set_to_none)`` and the profiler's
     ``Optimizer.step#LocalOptimizer.step`` record. (Global hooks from
-    ``register_optimizer_step_pre_hook`` run for the wrapper and for the wrapped optimizer.) Without torch.distributed initialized, or with a group of one
-    rank, ``step`` is bit-for-bit the wrapped optimizer's (rounds are still counted, nothing is
-    communicated).
+    ``register_optimizer_step_pre_hook`` run for the wrapper and for the wrapped optimizer.)
+    Without torch.distributed initialized, or with a group of one rank, ``step`` is bit-for-bit
+    the wrapped optimizer's (rounds are still counted, nothing is communicated).
 
     Args:
         optimizer (Optimizer): the local (inner) optimizer, already built on the model's
@@ -244,7 +244,7 @@ class LocalOptimizer(Optimizer):
         raise TypeError("LocalOptimizer is not picklable; save state_dict() instead")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """The wrapped optimizer's ``zero_grad`` (recorded by the profiler under the wrapper's name)."""
+        """The wrapped optimizer's ``zero_grad``, profiled under the wrapper's name."""
         with torch.autograd.profiler.record_function(self._zero_grad_profile_name):
             self.optimizer.zero_grad(set_to_none=set_to_none)
 
@@ -377,9 +377,11 @@ class LocalOptimizer(Optimizer):
             return self._buffers()
         if not self._buffer_names or not distributed:
             return []
-        current = self._buffers()
+        current, copies = self._buffers(), self._buffer_copies
+        if len(copies) != len(current):  # no copy yet (torch.distributed started later)
+            copies = [torch.full_like(b, float("nan")) for b in current]  # all "changed"
         changed = _comm.any_across(
-            [not _same_values(b, c) for b, c in zip(current, self._buffer_copies)],
+            [not _same_values(b, c) for b, c in zip(current, copies)],
             self.process_group,
             device=current[0].device,
         )
@@ -556,23 +558,18 @@ def _check_not_ddp_over(module: nn.Module, process_group: dist.ProcessGroup | No
         )
 
 
-def _choose_buffers(
-    module: nn.Module | None, spec: BufferSpec
-) -> tuple[list[str], bool]:
+def _choose_buffers(module: nn.Module | None, spec: BufferSpec) -> tuple[list[str], bool]:
     """The names of the buffers a round may average, and whether "auto" picks among them."""
-    if isinstance(spec, str) and spec == "auto":
-        auto = True
-    elif isinstance(spec, (bool, str)) or not (callable(spec) or isinstance(spec, Sequence)):
-        if not isinstance(spec, bool):
-            raise TypeError(
-                f"Invalid buffers: {spec!r} (expected 'auto', a bool, a list of buffer names or "
-                "a predicate (name, tensor) -> bool)"
-            )
-        auto = False
-    else:
-        auto = False
+    auto = isinstance(spec, str) and spec == "auto"
+    if not (auto or isinstance(spec, bool) or callable(spec)) and (
+        isinstance(spec, str) or not isinstance(spec, Sequence)
+    ):
+        raise TypeError(
+            f"Invalid buffers: {spec!r} (expected 'auto', a bool, a list of buffer names or "
+            "a predicate (name, tensor) -> bool)"
+        )
     if module is None:
-        if not isinstance(spec, (bool, str)):
+        if not (auto or isinstance(spec, bool)):
             raise ValueError(f"Invalid buffers: {spec!r} needs module= (the model)")
         return [], False
     named = list(module.named_buffers(remove_duplicate=True))
@@ -596,7 +593,9 @@ def _choose_buffers(
             )
     not_float = [n for n in names if not by_name[n].is_floating_point()]
     if not_float:
-        raise ValueError(f"Invalid buffers: {not_float} are not floating-point and cannot be averaged")
+        raise ValueError(
+            f"Invalid buffers: {not_float} are not floating-point and cannot be averaged"
+        )
     return list(dict.fromkeys(names)), False
 
 

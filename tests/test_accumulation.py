@@ -178,7 +178,7 @@ def test_readme_accumulation_snippet_as_written(batch_size, micro_batch_size):
         opt.zero_grad()  # the loop around the snippet (README's quick start) does
         exec(snippet, dict(env, x=x, y=y))
         h.remove()
-        for got, exp in zip(grads, expected_grad, strict=True):  # .grad is the batch's mean gradient
+        for got, exp in zip(grads, expected_grad, strict=True):  # .grad: the batch's mean gradient
             torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
         assert opt.synced == (step % 2 == 1)
         if opt.synced:

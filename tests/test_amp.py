@@ -1,4 +1,4 @@
-"""Mixed precision: bf16 autocast and fp16 with GradScaler through LocalOptimizer (1 and 2 ranks)."""
+"""Mixed precision through LocalOptimizer: bf16 autocast, fp16 with GradScaler (1 and 2 ranks)."""
 
 from __future__ import annotations
 

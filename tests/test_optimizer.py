@@ -462,7 +462,8 @@ def test_buffers_auto_picks_persistent_floating_point_buffers():
     model = make_model(bn=True)
     model.register_buffer("tmp", torch.zeros(2), persistent=False)
     opt = LocalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sync_every=2, module=model)
-    assert opt._buffer_names == ["1.running_mean", "1.running_var"]  # not the int, not non-persistent
+    # not the integer num_batches_tracked, not the non-persistent buffer
+    assert opt._buffer_names == ["1.running_mean", "1.running_var"]
     pick = LocalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sync_every=2, module=model,
                           buffers=lambda name, b: name.endswith("var"))
     assert pick._buffer_names == ["1.running_var"]
