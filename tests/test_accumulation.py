@@ -187,3 +187,23 @@ def test_readme_accumulation_snippet_as_written(batch_size, micro_batch_size):
             assert sampler.batch_size == s["suggested"]
             assert s["suggested"] >= math.ceil(ref["norm_variance"] / ref["mean_sq_norm"]) or \
                 s["suggested"] == batch_size
+
+
+def test_grad_scale_with_sizes_is_a_factor_on_top_of_the_size_weights():
+    """A GradScaler-like factor S on every micro-batch loss (mean_loss * S * n_l / N), declared as
+    grad_scale=S, gives the statistics of the unscaled step."""
+    x, y = make_data(3)
+    out = []
+    for scale in (None, 1024.0):
+        model = make_model()
+        vt = VarianceTest(model, F.cross_entropy, test="augmented", eta=1.0, theta=1.0, nu=1.0)
+        with vt.record_micro_batches(SIZES, grad_scale=scale) as rec:
+            start = 0
+            for n in SIZES:
+                loss = F.cross_entropy(model(x[start : start + n]), y[start : start + n])
+                (loss * (scale or 1.0) * n / B).backward()
+                start += n
+        vt.suggest_from_recorded(rec, B)
+        out.append(vt.last_stats)
+    for key in ("mean_sq_norm", "norm_variance", "inner_product_variance", "orthogonal_variance"):
+        assert out[1][key] == pytest.approx(out[0][key], rel=1e-5), key
