@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 NPROC  ?= 4
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint clean gpu-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,16 @@ bench: $(STAMP)
 	$(PY) -m pytest benchmarks -q -s --benchmark-only --benchmark-json=runs/bench.json \
 	  --benchmark-columns=min,median,mean,rounds --benchmark-sort=name
 	$(PY) benchmarks/report.py runs/bench.json
+
+# On a machine with a CUDA GPU: the device tests (tests/test_gpu.py) and the
+# benchmarks on CUDA, then their ratio table. Fails with a message when there is no GPU.
+gpu-check: $(STAMP)
+	@$(PY) -c "import sys, torch; torch.cuda.is_available() or sys.exit('gpu-check: no CUDA device (torch ' + torch.__version__ + ', CUDA build ' + str(torch.version.cuda) + '); run it on a machine with a GPU')"
+	LOCAL_OPT_TEST_DEVICE=cuda $(PY) -m pytest -q -rs --benchmark-disable tests/test_gpu.py
+	mkdir -p runs
+	LOCAL_OPT_BENCH_DEVICE=cuda $(PY) -m pytest benchmarks -q -s --benchmark-only \
+	  --benchmark-json=runs/bench-gpu.json --benchmark-columns=min,median,mean,rounds --benchmark-sort=name
+	$(PY) benchmarks/report.py runs/bench-gpu.json
 
 lint: $(STAMP)
 	$(PY) -m ruff check local_opt samplers tests benchmarks examples

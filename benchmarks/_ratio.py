@@ -8,14 +8,29 @@ so the benchmarks run as quick smoke tests and cannot rot.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Any, Callable
+
+import torch
 
 
 def quick(request: Any) -> bool:
     """True when benchmarks are disabled (the test suite): use tiny sizes."""
     return bool(request.config.getoption("benchmark_disable", False))
+
+
+def device() -> torch.device:
+    """Where benchmarks put their tensors: ``LOCAL_OPT_BENCH_DEVICE`` (``make gpu-check`` sets
+    ``cuda``), the CPU by default."""
+    return torch.device(os.environ.get("LOCAL_OPT_BENCH_DEVICE", "cpu"))
+
+
+def _sync() -> None:
+    """Wait for queued CUDA kernels, so a timing covers the work and not just its launch."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def interleaved_ratio(
@@ -28,8 +43,10 @@ def interleaved_ratio(
     for i in range(repeats):
         pair = ((new, t_new), (base, t_base)) if i % 2 == 0 else ((base, t_base), (new, t_new))
         for fn, sink in pair:
+            _sync()
             t0 = time.perf_counter()
             fn()
+            _sync()
             sink.append(time.perf_counter() - t0)
     m_new, m_base = statistics.median(t_new), statistics.median(t_base)
     return {"ratio": m_new / m_base, "new_s": m_new, "base_s": m_base}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from _ratio import interleaved_ratio, quick, record
+from _ratio import device, interleaved_ratio, quick, record
 from dist_utils import run_distributed
 from torch import nn
 from torch.distributed.algorithms.model_averaging.utils import average_parameters
@@ -18,11 +18,12 @@ from local_opt import LocalOptimizer
 
 
 def _model(small: bool) -> nn.Module:
+    """The benchmark's model on ``_ratio.device()`` (the CPU unless make gpu-check)."""
     if small:
-        return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+        return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).to(device())
     import timm
 
-    return timm.create_model("resnet18", num_classes=1000)
+    return timm.create_model("resnet18", num_classes=1000).to(device())
 
 
 def _with_grads(model: nn.Module) -> nn.Module:

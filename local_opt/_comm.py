@@ -53,6 +53,32 @@ def _flatten(tensors: Sequence[Tensor]) -> Tensor:
     return torch.cat([t.detach().reshape(-1) for t in tensors])
 
 
+def _dense_strides(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill ``t.numel()`` consecutive slots of memory in some order of
+    its dims (contiguous, ``channels_last``, a transpose, ...): a flat buffer can then hold it
+    with its strides."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def any_across(
+    flags: Sequence[bool],
+    process_group: dist.ProcessGroup | None = None,
+    device: torch.device | str = "cpu",
+) -> list[bool]:
+    """Element-wise OR of boolean flags over the group (one small all-reduce with MAX)."""
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
+    if is_distributed(process_group) and t.numel():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=process_group)
+    return [bool(v) for v in t.tolist()]
+
+
 @torch.no_grad()
 def _unflatten_into(flat: Tensor, tensors: Sequence[Tensor]) -> None:
     offset = 0
@@ -116,21 +142,26 @@ class FlatParams:
     (``torch.cat``) and leaves them as views of it. Keeping that layout between rounds lets a round
     all-reduce the buffers in place with no packing and no copy back. If anything moved a
     parameter's storage since (``module.to(...)``, ``p.data = ...``), :meth:`buffers` packs again.
+
+    Each parameter keeps its strides, so its memory format (``channels_last``): the flat buffer
+    holds its elements in memory order. (torch's ``average_parameters`` makes them contiguous.)
+    A parameter whose elements are not dense in memory (a strided slice) becomes contiguous.
     """
 
     def __init__(self, params: Sequence[Tensor]) -> None:
         self.params = list(params)
         self._flats: list[Tensor] = []
-        self._layout: list[tuple[Tensor, Tensor, int]] = []  # (param, flat, element offset)
+        # (param, flat, element offset, strides)
+        self._layout: list[tuple[Tensor, Tensor, int, tuple[int, ...]]] = []
 
     def _valid(self) -> bool:
         if not self._flats:
             return False
-        for p, flat, offset in self._layout:
+        for p, flat, offset, stride in self._layout:
             if (
                 p.device != flat.device
                 or p.dtype != flat.dtype
-                or not p.is_contiguous()
+                or p.stride() != stride
                 or p.data_ptr() != flat.data_ptr() + offset * flat.element_size()
             ):
                 return False
@@ -140,11 +171,18 @@ class FlatParams:
     def _pack(self) -> None:
         self._flats, self._layout = [], []
         for group in _buckets(self.params):
-            flat = _flatten(group)
+            flat = torch.empty(
+                sum(p.numel() for p in group), dtype=group[0].dtype, device=group[0].device
+            )
             offset = 0
             for p in group:
-                p.data = flat[offset : offset + p.numel()].view_as(p)
-                self._layout.append((p, flat, offset))
+                if _dense_strides(p):  # the same strides: channels_last stays channels_last
+                    view = flat.as_strided(p.shape, p.stride(), offset)
+                else:
+                    view = flat[offset : offset + p.numel()].view(p.shape)
+                view.copy_(p.detach())
+                p.data = view
+                self._layout.append((p, flat, offset, tuple(view.stride())))
                 offset += p.numel()
             self._flats.append(flat)
 

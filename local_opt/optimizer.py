@@ -3,6 +3,7 @@ r"""LocalOptimizer: Local SGD (periodic model averaging) around any ``torch.opti
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Union
 
@@ -18,6 +19,7 @@ __all__ = ["LocalOptimizer"]
 
 OuterFactory = Callable[[list[Tensor]], Optimizer]
 StateSpec = Union[bool, Sequence[str]]
+BufferSpec = Union[str, bool, Sequence[str], Callable[[str, Tensor], bool]]
 
 
 class LocalOptimizer(Optimizer):
@@ -44,30 +46,44 @@ class LocalOptimizer(Optimizer):
     :math:`\Delta = \theta - \frac1M\sum_k x^{k}`, and :math:`\theta` becomes every worker's model.
     Outer SGD with ``lr=1`` and no momentum is plain averaging.
 
-    ``param_groups`` and ``state`` *are* the wrapped optimizer's, so learning-rate schedulers and
-    ``group["lr"]`` edits reach it. Without torch.distributed initialized, or with a group of one
-    rank, ``step`` is bit-for-bit the wrapped optimizer's (rounds are still counted, nothing is
-    communicated).
+    ``param_groups``, ``state`` and ``defaults`` *are* the wrapped optimizer's, so learning-rate
+    schedulers (``SequentialLR``, ``OneCycleLR``, ...) and ``group["lr"]`` edits reach it. The rest
+    of the ``torch.optim.Optimizer`` API works on the wrapper as on any optimizer: step pre/post
+    hooks (they see the wrapper and run around the whole step, round included), ``state_dict`` /
+    ``load_state_dict`` hooks, ``add_param_group``, ``zero_grad(set_to_none)`` and the profiler's
+    ``Optimizer.step#LocalOptimizer.step`` record. (Global hooks from
+    ``register_optimizer_step_pre_hook`` run for the wrapper and for the wrapped optimizer.)
+    Without torch.distributed initialized, or with a group of one rank, ``step`` is bit-for-bit
+    the wrapped optimizer's (rounds are still counted, nothing is communicated).
 
     Args:
         optimizer (Optimizer): the local (inner) optimizer, already built on the model's
             parameters.
         sync_every (int): :math:`H`, local steps per communication round; may be changed between
             steps through the attribute of the same name.
-        module (nn.Module, optional): the model. When given, its floating-point buffers (e.g.
-            BatchNorm running statistics) are averaged at each round (see ``average_buffers``) and
-            all its buffers are broadcast from rank 0 at construction (default: None).
+        module (nn.Module, optional): the model. When given, all its buffers are broadcast
+            from rank 0 at construction and the buffers chosen by ``buffers`` are averaged at each
+            round. It must not be a ``DistributedDataParallel`` over the same ranks (its gradient
+            all-reduce at every step would defeat Local SGD; see the note on nodes) (default: None).
         process_group (ProcessGroup, optional): the group to average over (default: None, the
             world group).
-        average_buffers (bool): average ``module``'s floating-point buffers at each round
-            (default: True).
+        buffers (str, bool, list of str or callable): which of ``module``'s buffers a round
+            averages. ``"auto"``: the persistent floating-point buffers that training changes,
+            e.g. BatchNorm running statistics, found at each round by comparing each with a copy
+            taken at the previous round (a buffer that changed on any rank is averaged; the ranks
+            agree through one small all-reduce of flags); non-persistent buffers and constants such
+            as a causal mask holding ``-inf`` are left alone and never sent. ``True``: every
+            floating-point buffer; ``False``: none; a list of buffer names (as in
+            ``module.named_buffers()``); or a predicate ``(name, tensor) -> bool`` called once at
+            construction (default: ``"auto"``).
         average_optimizer_state (bool or list of str): also average the wrapped optimizer's
             state at each round: ``True`` for every floating-point state tensor except ``step``,
             or the state names to average, e.g. ``["exp_avg", "exp_avg_sq"]`` (default: False).
         outer_optimizer (callable, optional): factory ``params -> Optimizer`` for a DiLoCo outer
             step, e.g. ``lambda p: torch.optim.SGD(p, lr=0.7, momentum=0.9, nesterov=True)``. It
             receives the global copies of the parameters (default: None, plain averaging).
-        on_nonfinite (str): what a round does when an average is NaN or Inf (a worker diverged):
+        on_nonfinite (str): what a round does when an average (of the parameters and of what
+            ``buffers`` and ``average_optimizer_state`` choose) is NaN or Inf (a worker diverged):
             ``"raise"`` a ``FloatingPointError`` naming the step on every rank, or ``"skip"`` the
             round with a warning, leaving each worker's model as it was (default: ``"raise"``).
 
@@ -88,6 +104,24 @@ class LocalOptimizer(Optimizer):
         ``DistributedDataParallel`` does, so all workers start from the same model. Build the
         ``LocalOptimizer`` on every rank at the same point of the program.
 
+    .. note::
+        **Mixed precision.** bf16 ``autocast`` needs nothing special. With a ``GradScaler`` call
+        ``scaler.step(opt)`` on the wrapper: it then calls ``opt.step()`` at *every* step (the
+        wrapper declares ``_step_supports_amp_scaling``), and the wrapper unscales the gradients
+        and runs the wrapped optimizer, or skips the wrapped optimizer's step when the scaler found
+        an inf or a NaN on this rank. A skipped step still counts: the round counter counts calls
+        of :meth:`step`, so rounds stay aligned across ranks when one rank skips (its model enters
+        the average as it was). Each rank's scaler keeps its own scale (Local SGD shares no
+        gradients).
+
+    .. note::
+        **Nodes.** ``DistributedDataParallel`` over the ranks this optimizer averages is refused
+        (it all-reduces gradients at every step). For several nodes, run DDP (or identical
+        replicas) inside each node and average across nodes every ``sync_every`` steps:
+        ``groups = node_groups()`` (from :mod:`local_opt.topology`),
+        ``model = DDP(model, process_group=groups.intra)``,
+        ``LocalOptimizer(inner, sync_every=H, module=model, process_group=groups.inter)``.
+
     .. warning::
         Every rank must call :meth:`step` the same number of times between rounds: a round is a
         collective call, and a rank that stops stepping leaves the others waiting until the
@@ -101,7 +135,7 @@ class LocalOptimizer(Optimizer):
         sync_every: int,
         module: nn.Module | None = None,
         process_group: dist.ProcessGroup | None = None,
-        average_buffers: bool = True,
+        buffers: BufferSpec = "auto",
         average_optimizer_state: StateSpec = False,
         outer_optimizer: OuterFactory | None = None,
         on_nonfinite: str = "raise",
@@ -116,8 +150,8 @@ class LocalOptimizer(Optimizer):
         _check_sync_every(sync_every)
         if module is not None and not isinstance(module, nn.Module):
             raise TypeError(f"Invalid module: expected an nn.Module, got {type(module).__name__}")
-        if not isinstance(average_buffers, bool):
-            raise TypeError(f"Invalid average_buffers: {average_buffers!r} (expected a bool)")
+        if module is not None:
+            _check_not_ddp_over(module, process_group)
         if outer_optimizer is not None and not callable(outer_optimizer):
             raise TypeError(
                 f"Invalid outer_optimizer: expected a callable params -> Optimizer, "
@@ -129,12 +163,25 @@ class LocalOptimizer(Optimizer):
         self.optimizer = optimizer
         self.module = module
         self.process_group = process_group
-        self.average_buffers = average_buffers
         self.on_nonfinite = on_nonfinite
         self._sync_every = int(sync_every)
         self._state_names = _check_state_spec(average_optimizer_state, optimizer)
         if module is not None:
             _check_module_params(module, self._params())
+        # names of the buffers a round may average; "auto" decides among them at each round
+        self._buffer_names, self._auto_buffers = _choose_buffers(module, buffers)
+        self._buffer_copies: list[Tensor] = []  # "auto": the candidates at the previous round
+
+        # torch.optim.Optimizer's own machinery (hooks, profiling names); param_groups, state and
+        # defaults stay the wrapped optimizer's (properties below), so Optimizer.__init__ is not run
+        self._optimizer_step_pre_hooks: dict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_step_post_hooks: dict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: dict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: dict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: dict[int, Callable[..., Any]] = OrderedDict()
+        self._patch_step_function()  # profiling name, step hooks
+        self._warned_capturable_if_run_uncaptured = True
 
         # The wrapper's own counters: advanced once per step() and saved in state_dict().
         self._local_step = 0  # steps since the last round
@@ -145,6 +192,8 @@ class LocalOptimizer(Optimizer):
 
         if _comm.is_distributed(process_group):
             _comm.broadcast(self._params() + self._module_tensors(), 0, process_group)
+        if self._auto_buffers and _comm.is_distributed(process_group):
+            self._buffer_copies = [b.detach().clone() for b in self._buffers()]
 
         self._flat: _comm.FlatParams | None = None  # parameters as views of flat buffers
         self._outer: Optimizer | None = None
@@ -195,7 +244,9 @@ class LocalOptimizer(Optimizer):
         raise TypeError("LocalOptimizer is not picklable; save state_dict() instead")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        """The wrapped optimizer's ``zero_grad``, profiled under the wrapper's name."""
+        with torch.autograd.profiler.record_function(self._zero_grad_profile_name):
+            self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapped optimizer (broadcast from rank 0 in a distributed run)."""
@@ -208,12 +259,6 @@ class LocalOptimizer(Optimizer):
             copies = [p.detach().clone() for p in new]
             self._global.extend(copies)
             self._outer.add_param_group({"params": copies})
-
-    def register_step_pre_hook(self, hook: Callable[..., Any]) -> Any:
-        return self.optimizer.register_step_pre_hook(hook)
-
-    def register_step_post_hook(self, hook: Callable[..., Any]) -> Any:
-        return self.optimizer.register_step_post_hook(hook)
 
     # ------------------------------------------------------------------------- counters
     @property
@@ -242,6 +287,11 @@ class LocalOptimizer(Optimizer):
         return self._num_syncs
 
     @property
+    def will_sync(self) -> bool:
+        """Whether the coming :meth:`step` ends a round (e.g. to record its micro-batches)."""
+        return self._local_step + 1 >= self._sync_every
+
+    @property
     def synced(self) -> bool:
         """Whether the last :meth:`step` ended with a round."""
         return self._synced
@@ -255,15 +305,48 @@ class LocalOptimizer(Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One local step of the wrapped optimizer; a round after every ``sync_every``-th.
 
-        Returns the closure's loss, as the wrapped optimizer does.
+        Returns the closure's loss, as the wrapped optimizer does. Called by
+        ``GradScaler.step(opt)``, it skips the wrapped optimizer's step when the gradients are not
+        finite but still counts the call (see the note on mixed precision).
         """
-        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step (see the class note)
+        if found_inf is None:
+            loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        else:
+            loss = self._scaled_step(found_inf, getattr(self, "grad_scale", None), closure)
         self._steps += 1
         self._local_step += 1
         self._synced = False
         if self._local_step >= self._sync_every:
             self._round()
         return loss
+
+    # GradScaler.step(opt) then calls opt.step() even when the gradients hold an inf or a NaN,
+    # with found_inf and grad_scale set as attributes: every rank counts every step.
+    _step_supports_amp_scaling = True
+
+    @torch.no_grad()
+    def _scaled_step(
+        self, found_inf: Tensor, grad_scale: Tensor | None, closure: Callable[[], float] | None
+    ) -> float | None:
+        """The wrapped optimizer's step as ``GradScaler.step`` would run it: unscale, or skip."""
+        if closure is not None:
+            raise RuntimeError("Invalid closure: GradScaler.step does not support closures")
+        inner = self.optimizer
+        if getattr(inner, "_step_supports_amp_scaling", False):  # e.g. fused Adam: it decides
+            inner.grad_scale, inner.found_inf = grad_scale, found_inf  # type: ignore[attr-defined]
+            try:
+                return inner.step()
+            finally:
+                del inner.grad_scale, inner.found_inf  # type: ignore[attr-defined]
+        if found_inf.item():
+            return None  # skipped, as GradScaler skips it: the parameters stay as they are
+        if grad_scale is not None:  # not unscaled yet: unscale as GradScaler.unscale_ does
+            inv = grad_scale.double().reciprocal().float()
+            grads = [p.grad for p in self._params() if p.grad is not None]
+            for group in _comm._buckets(grads):
+                torch._foreach_mul_(group, inv.to(group[0].device).reshape(()))
+        return inner.step()
 
     def sync(self) -> None:
         """Run a round now (e.g. before evaluation or a checkpoint). Collective: call on all ranks."""
@@ -273,11 +356,13 @@ class LocalOptimizer(Optimizer):
     def _round(self) -> None:
         self._local_step = 0
         params = self._params()
-        extra = self._module_tensors(floating_only=True) if self.average_buffers else []
-        extra += self._state_tensors()
-        if _comm.is_distributed(self.process_group):
+        distributed = _comm.is_distributed(self.process_group)
+        extra = self._buffers_to_average(distributed) + self._state_tensors()
+        if distributed:
             if not self._average(params, extra):
                 return
+        if self._auto_buffers and distributed and self._buffer_names:
+            self._copy_buffers()
         if self._outer is not None:
             for g, p in zip(self._global, params):
                 g.grad = g - p  # pseudo-gradient: global copy minus the mean of the local models
@@ -285,6 +370,23 @@ class LocalOptimizer(Optimizer):
             torch._foreach_copy_(params, self._global)
         self._num_syncs += 1
         self._synced = True
+
+    def _buffers_to_average(self, distributed: bool) -> list[Tensor]:
+        """The module buffers this round averages (for ``"auto"``: the ones changed on any rank)."""
+        if not self._auto_buffers:
+            return self._buffers()
+        if not self._buffer_names or not distributed:
+            return []
+        current, copies = self._buffers(), self._buffer_copies
+        if len(copies) != len(current):  # no copy yet (torch.distributed started later)
+            copies = [torch.full_like(b, float("nan")) for b in current]  # all "changed"
+        changed = _comm.any_across(
+            [not _same_values(b, c) for b, c in zip(current, copies)],
+            self.process_group,
+            device=current[0].device,
+        )
+        self._bytes += 4 * len(changed)  # the flags
+        return [b for b, c in zip(current, changed) if c]
 
     def _average(self, params: list[Tensor], extra: list[Tensor]) -> bool:
         """All-reduce the mean of params (in place, in their flat buffers) and of ``extra``.
@@ -318,6 +420,8 @@ class LocalOptimizer(Optimizer):
 
         With an outer optimizer the entry also holds its ``state_dict`` and the global copy.
         """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         sd = self.optimizer.state_dict()
         own: dict[str, Any] = {
             "sync_every": self._sync_every,
@@ -331,11 +435,19 @@ class LocalOptimizer(Optimizer):
             own["outer"] = self._outer.state_dict()
             own["global_params"] = [g.detach().clone() for g in self._global]
         sd["local_opt"] = own
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Load what :meth:`state_dict` returned (the counters, and the outer step's state)."""
         state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = dict(result)
         own = state_dict.pop("local_opt", None)
         self.optimizer.load_state_dict(state_dict)
         if own is None:
@@ -344,7 +456,12 @@ class LocalOptimizer(Optimizer):
                 UserWarning,
                 stacklevel=2,
             )
-            return
+        else:
+            self._load_own(own)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_own(self, own: dict[str, Any]) -> None:
         self.sync_every = own["sync_every"]
         self._local_step = own["local_step"]
         self._steps = own["steps"]
@@ -363,15 +480,29 @@ class LocalOptimizer(Optimizer):
     def _params(self) -> list[Tensor]:
         return _unique(p for group in self.param_groups for p in group["params"])
 
-    def _module_tensors(self, floating_only: bool = False) -> list[Tensor]:
-        """Module buffers (and, for the initial broadcast, parameters the optimizer lacks)."""
+    def _module_tensors(self) -> list[Tensor]:
+        """Module buffers and parameters the optimizer lacks, for the initial broadcast."""
         if self.module is None:
             return []
-        out = [b for b in self.module.buffers() if not floating_only or b.is_floating_point()]
-        if not floating_only:
-            known = {id(p) for p in self._params()}
-            out += [p for p in self.module.parameters() if id(p) not in known]
+        known = {id(p) for p in self._params()}
+        out = list(self.module.buffers())
+        out += [p for p in self.module.parameters() if id(p) not in known]
         return _unique(out)
+
+    def _buffers(self) -> list[Tensor]:
+        """The buffers named by ``buffers`` (looked up each time: ``module.to()`` replaces them)."""
+        module = self.module
+        return [] if module is None else [module.get_buffer(n) for n in self._buffer_names]
+
+    def _copy_buffers(self) -> None:
+        current = self._buffers()
+        if current and all(
+            b.shape == c.shape and b.dtype == c.dtype and b.device == c.device
+            for b, c in zip(current, self._buffer_copies)
+        ):
+            torch._foreach_copy_(self._buffer_copies, current)
+        else:
+            self._buffer_copies = [b.detach().clone() for b in current]
 
     def _state_tensors(self) -> list[Tensor]:
         names = self._state_names
@@ -405,6 +536,84 @@ def _unique(tensors: Iterable[Tensor]) -> list[Tensor]:
 def _check_sync_every(sync_every: Any) -> None:
     if not is_int(sync_every) or sync_every < 1:
         raise ValueError(f"Invalid sync_every: {sync_every!r} (expected an int >= 1)")
+
+
+def _check_not_ddp_over(module: nn.Module, process_group: dist.ProcessGroup | None) -> None:
+    """Refuse a DistributedDataParallel whose ranks overlap the group LocalOptimizer averages."""
+    if not isinstance(module, nn.parallel.DistributedDataParallel):
+        return
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    ours = set(dist.get_process_group_ranks(process_group or dist.group.WORLD))
+    theirs = set(dist.get_process_group_ranks(module.process_group))
+    shared = sorted(ours & theirs)
+    if len(shared) > 1:
+        raise ValueError(
+            "Invalid module: it is a DistributedDataParallel over ranks "
+            f"{sorted(theirs)}, which include ranks {shared} of the group this LocalOptimizer "
+            "averages over. DDP all-reduces the gradients at every step, so those workers would "
+            "never take a local step and Local SGD would communicate every step instead of every "
+            "sync_every steps. Pass the plain model, or use DDP inside a node and "
+            "LocalOptimizer(process_group=...) across nodes (local_opt.topology.node_groups)."
+        )
+
+
+def _choose_buffers(module: nn.Module | None, spec: BufferSpec) -> tuple[list[str], bool]:
+    """The names of the buffers a round may average, and whether "auto" picks among them."""
+    auto = isinstance(spec, str) and spec == "auto"
+    if not (auto or isinstance(spec, bool) or callable(spec)) and (
+        isinstance(spec, str) or not isinstance(spec, Sequence)
+    ):
+        raise TypeError(
+            f"Invalid buffers: {spec!r} (expected 'auto', a bool, a list of buffer names or "
+            "a predicate (name, tensor) -> bool)"
+        )
+    if module is None:
+        if not (auto or isinstance(spec, bool)):
+            raise ValueError(f"Invalid buffers: {spec!r} needs module= (the model)")
+        return [], False
+    named = list(module.named_buffers(remove_duplicate=True))
+    if auto:
+        persistent = _persistent_buffer_names(module)
+        return [n for n, b in named if b.is_floating_point() and n in persistent], True
+    if isinstance(spec, bool):
+        return ([n for n, b in named if b.is_floating_point()] if spec else []), False
+    by_name = dict(named)
+    if callable(spec):
+        names = [n for n, b in named if spec(n, b)]
+    else:
+        names = list(spec)
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError(f"Invalid buffers: {names!r} (names must be strings)")
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise ValueError(
+                f"Invalid buffers: unknown buffer names {unknown}; the module's buffers are "
+                f"{sorted(by_name)}"
+            )
+    not_float = [n for n in names if not by_name[n].is_floating_point()]
+    if not_float:
+        raise ValueError(
+            f"Invalid buffers: {not_float} are not floating-point and cannot be averaged"
+        )
+    return list(dict.fromkeys(names)), False
+
+
+def _persistent_buffer_names(module: nn.Module) -> set[str]:
+    out = set()
+    for prefix, m in module.named_modules(remove_duplicate=False):
+        skip = getattr(m, "_non_persistent_buffers_set", set())
+        for name in m._buffers:
+            if name not in skip and m._buffers[name] is not None:
+                out.add(f"{prefix}.{name}" if prefix else name)
+    return out
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """Equal values (NaN equal to NaN), for telling which buffers training changed."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    return bool(torch.eq(a, b).logical_or_(torch.isnan(a).logical_and_(torch.isnan(b))).all())
 
 
 def _check_module_params(module: nn.Module, params: list[Tensor]) -> None:

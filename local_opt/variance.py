@@ -312,7 +312,7 @@ class VarianceTest:
         return self._decide(stats, batch_size, "microbatch_grads")
 
     def record_micro_batches(
-        self, micro_batch_size: int, *, grad_scale: float | None = None
+        self, micro_batch_size: int | Sequence[int], *, grad_scale: float | None = None
     ) -> MicroBatchRecorder:
         r"""Record the micro-batch statistics of a gradient-accumulation step as it runs.
 
@@ -328,13 +328,23 @@ class VarianceTest:
         :class:`~local_opt.backends.recorder.MicroBatchRecorder`.
 
         Args:
-            micro_batch_size (int): samples per micro-batch (the same for every micro-batch and
-                on every rank).
-            grad_scale (float, optional): the factor the micro-batch *mean* loss is multiplied
-                by before ``backward()`` — with a GradScaler, its scale times that. None (the
-                default) means ``1 / k`` for ``k`` recorded micro-batches: the usual
-                ``(loss / k).backward()``. The suggested batch size does not depend on a factor
-                shared by all ranks; the variances and norms in :attr:`last_stats` do.
+            micro_batch_size (int or list of int): the samples in each micro-batch, in the order
+                of the backward passes, e.g. ``[len(xs) for xs, _ in chunks]``: micro-batches of
+                unequal sizes (``x.chunk(k)`` or :func:`samplers.micro_batches` when
+                :math:`k \nmid b`) are weighted by their sizes (``last_stats["unit_size"]`` is
+                then 1 and ``"weight_sum"`` the batch size). An int means every micro-batch has
+                that size; if the model's inputs show micro-batches of different sizes along dim
+                0, :meth:`suggest_from_recorded` raises a ``ValueError`` rather than weight them
+                wrongly. A list whose length is not the number of backward passes is refused too.
+            grad_scale (float, optional): with an int ``micro_batch_size``: the factor the
+                micro-batch *mean* loss is multiplied by before ``backward()``, None (the
+                default) meaning ``1 / k`` for ``k`` recorded micro-batches, the usual
+                ``(loss / k).backward()``. With a list of sizes :math:`n_l` (:math:`N = \sum n_l`):
+                the factor on top of :math:`n_l / N`, i.e. micro-batch :math:`l` backpropagates
+                ``mean_loss * grad_scale * n_l / N`` (None: 1, so ``.grad`` is the gradient of
+                the batch's mean loss). With a GradScaler, multiply by its scale. The suggested
+                batch size does not depend on a factor shared by all ranks; the variances and
+                norms in :attr:`last_stats` do.
 
         Returns:
             MicroBatchRecorder: a context manager, single-use per step (it can be entered again
@@ -342,11 +352,11 @@ class VarianceTest:
 
         Example::
 
-            >>> k = 4
-            >>> ends_round = opt.local_step + 1 == opt.sync_every
-            >>> with vt.record_micro_batches(len(x) // k) if ends_round else nullcontext() as rec:
-            ...     for xs, ys in zip(x.chunk(k), y.chunk(k)):
-            ...         (F.cross_entropy(model(xs), ys) / k).backward()
+            >>> chunks = micro_batches((x, y), 32)  # the last one may be shorter
+            >>> sizes = [len(xs) for xs, _ in chunks]
+            >>> with vt.record_micro_batches(sizes) if opt.will_sync else nullcontext() as rec:
+            ...     for xs, ys in chunks:
+            ...         (F.cross_entropy(model(xs), ys) * len(xs) / len(x)).backward()
             >>> opt.step()
             >>> if opt.synced:
             ...     sampler.set_batch_size(vt.suggest_from_recorded(rec, sampler.batch_size))
@@ -364,6 +374,7 @@ class VarianceTest:
             grad_scale=grad_scale,
             keep_grads=self.test != "norm",
             workspace=self._workspace,
+            model=self.model,
         )
 
     def suggest_from_recorded(self, recorder: MicroBatchRecorder, batch_size: int) -> int:

@@ -67,6 +67,10 @@ def micro_batches(batch: _Batch, micro_batch_size: int) -> list[_Batch]:
         \nabla \frac{1}{n} \sum_{i=1}^{n} \ell_i
         = \sum_j \frac{n_j}{n} \, \nabla \Big( \frac{1}{n_j} \sum_{i \in B_j} \ell_i \Big).
 
+    To record the micro-batch statistics of such a step, pass the sizes along:
+    ``VarianceTest.record_micro_batches([len(xs) for xs, _ in chunks])`` weights the shorter last
+    micro-batch by its size (an int ``micro_batch_size`` would be refused when the sizes differ).
+
     Layers that mix samples within a batch (batch norm in training mode) see smaller batches, so
     their outputs, and the gradient, differ from the full-batch ones.
 

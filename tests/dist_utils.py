@@ -32,12 +32,13 @@ def _worker(
     tmpdir: str,
     pg_timeout: float,
     args: tuple[Any, ...],
+    backend: str = "gloo",
 ) -> None:
     faulthandler.enable()  # a crash in C++ (SIGABRT, SIGSEGV) prints the Python stacks
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"file://{os.path.join(tmpdir, 'rendezvous')}",
         rank=rank,
         world_size=world_size,
@@ -66,15 +67,17 @@ def run_distributed(
     *args: Any,
     timeout: float = 120.0,
     pg_timeout: float = 60.0,
+    backend: str = "gloo",
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return their results."""
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks (gloo unless ``backend`` says
+    otherwise, e.g. ``"nccl"``); return their results."""
     tmpdir = tempfile.mkdtemp(prefix="local_opt_dist_")
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the children at spawn
     try:
         ctx = mp.start_processes(
             _worker,
-            args=(fn, world_size, tmpdir, pg_timeout, args),
+            args=(fn, world_size, tmpdir, pg_timeout, args, backend),
             nprocs=world_size,
             join=False,
             start_method="spawn",

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from dist_utils import run_distributed
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from local_opt import LocalOptimizer, VarianceTest
-from samplers import AdaptiveBatchSampler
+from samplers import AdaptiveBatchSampler, micro_batches
 
 
 def _readme_loop(rank: int, world: int) -> dict:
@@ -55,6 +56,22 @@ def test_readme_loop_grows_the_batch_on_two_ranks():
         assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
 
 
+def _weighted_augmented(units: torch.Tensor, n: list[int], world: int, theta=0.3, nu=1.0) -> float:
+    """The augmented test's raw b' from every rank's micro-batch mean gradients (float64), each
+    weighted by its size (the unbiased formulas for unequal units of local_opt._stats)."""
+    everything = [torch.empty_like(units) for _ in range(world)]
+    dist.all_gather(everything, units)
+    g = torch.cat(everything)
+    w = torch.tensor(n * world, dtype=torch.float64)
+    k = len(w)
+    mean = (w[:, None] * g).sum(0) / w.sum()
+    g2 = mean.dot(mean)
+    ip = g @ mean
+    v_ip = (w * (ip - g2) ** 2).sum() / (k - 1)
+    v_orth = (w * (g - (ip / g2)[:, None] * mean).pow(2).sum(1)).sum() / (k - 1)
+    return max(float(v_ip / (world * theta**2 * g2**2)), float(v_orth / (world * nu**2 * g2)))
+
+
 def _accumulation_loop(rank: int, world: int) -> dict:
     import contextlib
 
@@ -69,29 +86,29 @@ def _accumulation_loop(rank: int, world: int) -> dict:
     loader = DataLoader(dataset, batch_sampler=sampler)
     test = VarianceTest(model, F.cross_entropy, test="augmented", theta=0.3, nu=1.0,
                         max_batch_size=128)
-    k, sizes, checks = 2, [], []
+    micro_batch_size, sizes, checks = 5, [], []  # uneven micro-batches for most batch sizes
     for epoch in range(2):
         sampler.set_epoch(epoch)
         for x, y in loader:
             opt.zero_grad()
             # --- the README's accumulation snippet ---
-            ends_round = opt.local_step + 1 == opt.sync_every
-            with test.record_micro_batches(len(x) // k) if ends_round else contextlib.nullcontext() as rec:
-                for xs, ys in zip(x.chunk(k), y.chunk(k)):
-                    (F.cross_entropy(model(xs), ys) / k).backward()
+            chunks = micro_batches((x, y), micro_batch_size)
+            chunk_sizes = [len(xs) for xs, _ in chunks]
+            with test.record_micro_batches(chunk_sizes) if opt.will_sync else contextlib.nullcontext() as rec:
+                for xs, ys in chunks:
+                    (F.cross_entropy(model(xs), ys) * len(xs) / len(x)).backward()
             # the same micro-batch gradients, the explicit way, for the check below
-            if ends_round:
+            if opt.will_sync:
                 params = list(model.parameters())
-                grads = [torch.autograd.grad(F.cross_entropy(model(xs), ys), params)
-                         for xs, ys in zip(x.chunk(k), y.chunk(k))]
+                units = torch.stack([
+                    torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+                        F.cross_entropy(model(xs), ys), params)]).double()
+                    for xs, ys in chunks])
             opt.step()
             if opt.synced:
                 sampler.set_batch_size(test.suggest_from_recorded(rec, sampler.batch_size))
                 # ---
-                raw = test.last_stats["raw"]
-                ref = VarianceTest(model, F.cross_entropy, test="augmented", theta=0.3, nu=1.0)
-                ref.suggest_from_micro_batch_grads(grads, len(x) // k, len(x))
-                checks.append((raw, ref.last_stats["raw"]))
+                checks.append((test.last_stats["raw"], _weighted_augmented(units, chunk_sizes, world)))
                 sizes.append(sampler.batch_size)
     return {"sizes": sizes, "checks": checks, "rounds": opt.num_syncs}
 

@@ -201,7 +201,9 @@ BAD_ARGUMENTS = [
     (dict(sync_every=2, outer_optimizer=3), TypeError, "outer_optimizer"),
     (dict(sync_every=2, outer_optimizer=lambda p: None), TypeError, "outer_optimizer"),
     (dict(sync_every=2, on_nonfinite="ignore"), ValueError, "on_nonfinite"),
-    (dict(sync_every=2, average_buffers=1), TypeError, "average_buffers"),
+    (dict(sync_every=2, buffers=1), TypeError, "buffers"),
+    (dict(sync_every=2, buffers="all"), TypeError, "buffers"),
+    (dict(sync_every=2, buffers=["running_mean"]), ValueError, "buffers.*module="),
 ]
 
 
@@ -437,3 +439,304 @@ def test_nonfinite_average_raises_on_every_rank_or_skips():
     for r in run_distributed(_nonfinite, 2, "skip"):
         assert r["error"] is None and r["unchanged"] and r["num_syncs"] == 0
         assert any("skipped" in m for m in r["warned"])
+
+
+# ------------------------------------------------------------ buffers and memory formats
+class MaskedTransformer(nn.Module):
+    """A causal-mask transformer as users write it: the mask (holding -inf) is a buffer."""
+
+    def __init__(self, seq: int = 5, d: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, d)
+        self.block = nn.TransformerEncoderLayer(d, nhead=2, dim_feedforward=16, dropout=0.0,
+                                                batch_first=True)
+        self.head = nn.Linear(d, 3)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq))
+        self.register_buffer("scratch", torch.zeros(2), persistent=False)
+
+    def forward(self, x):
+        return self.head(self.block(self.embed(x), src_mask=self.mask, is_causal=True))
+
+
+def test_buffers_auto_picks_persistent_floating_point_buffers():
+    model = make_model(bn=True)
+    model.register_buffer("tmp", torch.zeros(2), persistent=False)
+    opt = LocalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sync_every=2, module=model)
+    # not the integer num_batches_tracked, not the non-persistent buffer
+    assert opt._buffer_names == ["1.running_mean", "1.running_var"]
+    pick = LocalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sync_every=2, module=model,
+                          buffers=lambda name, b: name.endswith("var"))
+    assert pick._buffer_names == ["1.running_var"]
+    every = LocalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sync_every=2, module=model,
+                           buffers=True)
+    assert every._buffer_names == ["tmp", "1.running_mean", "1.running_var"]
+
+
+BAD_BUFFERS = [
+    (["1.running_mean", "nope", "mask"], ValueError, r"unknown buffer names \['nope', 'mask'\]"),
+    (["1.num_batches_tracked"], ValueError, "buffers.*not floating-point"),
+    ([3], TypeError, "buffers"),
+    (lambda name, b: True, ValueError, "buffers.*num_batches_tracked"),
+]
+
+
+@pytest.mark.parametrize("spec,exc,match", BAD_BUFFERS)
+def test_bad_buffers(spec, exc, match):
+    model = make_model(bn=True)
+    with pytest.raises(exc, match=match):
+        LocalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sync_every=2, module=model,
+                       buffers=spec)
+
+
+def test_will_sync_tells_the_step_that_ends_a_round():
+    model = make_model()
+    opt = LocalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sync_every=3)
+    seen = []
+    for t in range(7):
+        will = opt.will_sync
+        train_step(model, opt, *batch(t))
+        seen.append((will, opt.synced))
+        if t == 3:
+            opt.sync_every = 2
+    assert all(w == s for w, s in seen), seen
+    assert [w for w, _ in seen] == [False, False, True, False, True, False, True]
+
+
+def test_flat_buffers_keep_channels_last_and_dtype():
+    from local_opt import _comm
+
+    conv = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    lin = nn.Linear(4, 2).double()
+    t = torch.randn(5, 3).t()  # a transpose: dense, not contiguous
+    params = [conv.weight, conv.bias, lin.weight, nn.Parameter(t)]
+    values = [p.detach().clone() for p in params]
+    flats = _comm.FlatParams(params).buffers()
+    assert len(flats) == 2  # one per dtype
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert lin.weight.dtype == torch.float64 and params[3].stride() == t.stride()
+    assert all(torch.equal(p, v) for p, v in zip(params, values))
+    flats[0].mul_(2)  # the parameters live in the flat buffers
+    assert torch.equal(conv.weight, 2 * values[0]) and torch.equal(params[3], 2 * values[3])
+
+
+def _real_stack(rank: int, world: int) -> dict:
+    out: dict = {}
+    # 1. a causal-mask transformer trains over rounds; the mask is never sent nor averaged
+    torch.manual_seed(0)
+    model = MaskedTransformer()
+    mask = model.mask.clone()
+    opt = LocalOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), sync_every=2, module=model)
+    losses = []
+    for t in range(4):
+        g = torch.Generator().manual_seed(100 * rank + t)
+        x, y = torch.randn(4, 5, 3, generator=g), torch.randint(0, 3, (4, 5), generator=g)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x).reshape(-1, 3), y.reshape(-1))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    out["losses"], out["num_syncs"] = losses, opt.num_syncs
+    out["mask_same"] = torch.equal(model.mask, mask)
+    out["params"] = params_of(model)
+    numel = sum(p.numel() for p in model.parameters())
+    out["bytes_expected"] = 2 * (4 * numel + 4)  # 2 rounds: the parameters + one flag (the mask)
+    out["bytes"] = opt.bytes_communicated
+
+    # 2. explicit names: only running_var is averaged; BatchNorm running_mean stays local
+    bn = make_model(seed=0, bn=True)
+    o = LocalOptimizer(torch.optim.SGD(bn.parameters(), lr=0.1), sync_every=2, module=bn,
+                       buffers=["1.running_var"])
+    for t in range(2):
+        train_step(bn, o, *batch(10 * rank + t))
+    out["rm"], out["rv"] = bn[1].running_mean.clone(), bn[1].running_var.clone()
+
+    # 3. channels_last conv weights keep their format and match torch's PostLocalSGDOptimizer
+    def conv_model():
+        torch.manual_seed(1)
+        m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3), nn.Flatten())
+        return m.to(memory_format=torch.channels_last)
+
+    ours, theirs = conv_model(), conv_model()
+    opt = LocalOptimizer(torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9), sync_every=2)
+    ref = PostLocalSGDOptimizer(torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9),
+                                PeriodicModelAverager(period=2, warmup_steps=1))
+    calls = []
+    real_all_reduce = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.dtype)
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    max_diff, formats = 0.0, []
+    for t in range(4):
+        g = torch.Generator().manual_seed(7 * rank + t)
+        x, y = torch.randn(2, 3, 6, 6, generator=g), torch.randn(2, 8, generator=g)
+        x = x.to(memory_format=torch.channels_last)
+        for m, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad()
+            F.mse_loss(m(x), y).backward()
+            if o is opt:
+                dist.all_reduce = counting
+            o.step()
+            dist.all_reduce = real_all_reduce
+        max_diff = max(max(((a - b).abs().max().item() for a, b in
+                            zip(ours.parameters(), theirs.parameters()))), max_diff)
+        formats.append(all(m.weight.is_contiguous(memory_format=torch.channels_last)
+                           and m.weight.grad.is_contiguous(memory_format=torch.channels_last)
+                           for m in (ours[0], ours[2])))
+    out["conv_max_diff"], out["formats"], out["calls"] = max_diff, formats, calls
+    return out
+
+
+@pytest.mark.timeout(180)
+def test_masked_transformer_buffers_and_channels_last_on_two_ranks():
+    res = run_distributed(_real_stack, 2)
+    for r in res:
+        assert r["num_syncs"] == 2 and all(map(lambda v: v == v and abs(v) < 1e3, r["losses"]))
+        assert r["mask_same"] and r["bytes"] == r["bytes_expected"]
+        assert_same(r["params"], res[0]["params"])  # step 4 ended a round
+        # named buffer averaged (ranks agree), the other one local (ranks differ: different data)
+        assert torch.equal(r["rv"], res[0]["rv"])
+        assert r["conv_max_diff"] == 0.0 and all(r["formats"])
+        assert r["calls"] == [torch.float32, torch.float32]  # one collective per round (2 rounds)
+    assert not torch.equal(res[0]["rm"], res[1]["rm"])
+
+
+# ------------------------------------------------- the torch.optim API, side by side
+def _api_step_hooks(model, opt):
+    log = []
+    h1 = opt.register_step_pre_hook(lambda o, args, kwargs: log.append(("pre", o is opt)))
+    opt.register_step_post_hook(lambda o, args, kwargs: log.append(("post", o is opt)))
+    for t in range(3):
+        train_step(model, opt, *batch(t))
+        if t == 1:
+            h1.remove()
+    return log
+
+
+def _api_state_dict_hooks(model, opt):
+    log = []
+    opt.register_state_dict_pre_hook(lambda o: log.append(("pre", o is opt)))
+
+    def post(o, sd):
+        sd["extra"] = 7
+        return sd
+
+    opt.register_state_dict_post_hook(post)
+    train_step(model, opt, *batch(0))
+    sd = opt.state_dict()
+    return log, sd["extra"], sorted(k for k in sd if k != "local_opt")
+
+
+def _api_load_state_dict_hooks(model, opt):
+    log = []
+    train_step(model, opt, *batch(0))
+    sd = copy.deepcopy(opt.state_dict())
+
+    def pre(o, sd):
+        log.append(("pre", o is opt))
+        sd["param_groups"][0]["lr"] = 0.03
+        return sd
+
+    opt.register_load_state_dict_pre_hook(pre)
+    opt.register_load_state_dict_post_hook(lambda o: log.append(("post", o is opt)), prepend=True)
+    opt.load_state_dict(sd)
+    train_step(model, opt, *batch(1))
+    return log, opt.param_groups[0]["lr"]
+
+
+def _api_add_param_group(model, opt):
+    head = nn.Linear(3, 2)
+    with torch.no_grad():
+        head.weight.fill_(0.1), head.bias.zero_()
+    opt.add_param_group({"params": list(head.parameters()), "lr": 0.01})
+    for t in range(3):
+        x, y = batch(t)
+        opt.zero_grad()
+        F.cross_entropy(head(model(x)), y % 2).backward()
+        opt.step()
+    return len(opt.param_groups), opt.param_groups[1]["lr"], params_of(head)
+
+
+def _api_zero_grad(model, opt):
+    train_step(model, opt, *batch(0))
+    opt.zero_grad(set_to_none=False)
+    zeros = [p.grad is not None and not p.grad.any() for p in model.parameters()]
+    opt.zero_grad()
+    return zeros, [p.grad is None for p in model.parameters()]
+
+
+def _api_defaults(model, opt):
+    return dict(opt.defaults), opt.defaults["lr"]
+
+
+def _api_profiler_names(model, opt):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        train_step(model, opt, *batch(0))
+    names = {e.name for e in prof.events()}
+    cls = type(opt).__name__
+    return f"Optimizer.step#{cls}.step" in names, f"Optimizer.zero_grad#{cls}.zero_grad" in names
+
+
+def _run_scheduler(make):
+    def case(model, opt):
+        sched = make(opt)
+        seen = []
+        for t in range(6):
+            loss = train_step(model, opt, *batch(t))
+            sched.step(loss) if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau) \
+                else sched.step()
+            seen.append((opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]))
+        return seen, sched.state_dict().get("last_epoch")
+
+    return case
+
+
+def _api_state_dict_round_trip(model, opt):
+    for t in range(3):
+        train_step(model, opt, *batch(t))
+    sd = copy.deepcopy(opt.state_dict())
+    model2 = copy.deepcopy(model)
+    inner2 = torch.optim.SGD(model2.parameters(), lr=0.5, momentum=0.9)
+    opt2 = LocalOptimizer(inner2, sync_every=2) if isinstance(opt, LocalOptimizer) else inner2
+    opt2.load_state_dict(sd)
+    for t in range(3, 6):
+        train_step(model, opt, *batch(t))
+        train_step(model2, opt2, *batch(t))
+    sd.pop("local_opt", None)
+    return sd, [torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters())]
+
+
+SCHED = torch.optim.lr_scheduler
+API_CASES = {
+    "step_hooks": _api_step_hooks,
+    "state_dict_hooks": _api_state_dict_hooks,
+    "load_state_dict_hooks": _api_load_state_dict_hooks,
+    "add_param_group": _api_add_param_group,
+    "zero_grad": _api_zero_grad,
+    "defaults": _api_defaults,
+    "profiler_names": _api_profiler_names,
+    "state_dict_round_trip": _api_state_dict_round_trip,
+    "SequentialLR": _run_scheduler(lambda o: SCHED.SequentialLR(
+        o, [SCHED.LinearLR(o, 0.1, total_iters=2), SCHED.CosineAnnealingLR(o, T_max=4)], [2])),
+    "OneCycleLR": _run_scheduler(lambda o: SCHED.OneCycleLR(o, max_lr=0.5, total_steps=6)),
+    "LambdaLR": _run_scheduler(lambda o: SCHED.LambdaLR(o, lambda e: 1 / (1 + e))),
+    "ReduceLROnPlateau": _run_scheduler(lambda o: SCHED.ReduceLROnPlateau(o, patience=0)),
+}
+
+
+@pytest.mark.parametrize("case", API_CASES)
+def test_torch_optim_api_side_by_side_with_the_wrapped_optimizer(case):
+    """Every call of the Optimizer API gives on the wrapper what it gives on the bare optimizer."""
+    results = []
+    for wrap in (False, True):
+        model = make_model()
+        inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        opt = LocalOptimizer(inner, sync_every=2) if wrap else inner
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+            observed = API_CASES[case](model, opt)
+        results.append((observed, params_of(model)))
+    (bare, bare_params), (wrapped, wrapped_params) = results
+    assert repr(wrapped) == repr(bare)  # tensors compare by their values in repr
+    assert_same(wrapped_params, bare_params)

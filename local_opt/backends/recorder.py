@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from local_opt._stats import GradStats, reduce_units
 from local_opt.backends.microbatch import _check_micro_batch_size, _dot, _wide
@@ -46,10 +46,16 @@ class MicroBatchRecorder:
     r"""The micro-batch statistics of gradient accumulation, recorded from its own backward passes.
 
     Made by :meth:`local_opt.VarianceTest.record_micro_batches`. Inside the ``with`` block every
-    ``backward()`` is one micro-batch :math:`l` of ``micro_batch_size`` samples whose gradient
-    reaches the parameters as :math:`s\,G_l` (:math:`s` = ``grad_scale``, :math:`G_l` the
-    gradient of the micro-batch's *mean* loss). A hook on each trainable parameter sees that
-    gradient before autograd adds it to ``.grad`` and keeps, per micro-batch,
+    ``backward()`` is one micro-batch :math:`l` of :math:`n_l` samples whose gradient reaches the
+    parameters as :math:`s_l\,G_l` (:math:`G_l` the gradient of the micro-batch's *mean* loss).
+    With ``micro_batch_size`` an int :math:`m`, every :math:`n_l = m` and :math:`s_l = s` =
+    ``grad_scale`` (default :math:`1/k`): the units are equal (``unit_size = m``). With a list of
+    sizes, :math:`s_l = s\,n_l/N` (:math:`N = \sum_l n_l`, default :math:`s = 1`): the loop
+    backpropagates ``mean_loss_l * n_l / N`` so that ``.grad`` is the gradient of the whole
+    batch's mean loss, and the units are weighted by :math:`n_l` (``unit_size = 1``; the unbiased
+    formulas for unequal units are in :mod:`local_opt._stats`). A hook on each trainable
+    parameter sees each micro-batch gradient before autograd adds it to ``.grad`` and keeps, per
+    micro-batch,
 
     * :math:`\lVert s\,G_{l,j}\rVert` for each parameter :math:`j` (one read of the gradient,
       so :math:`\sum_l \lVert G_l\rVert^2` needs no gradient kept), and
@@ -77,13 +83,23 @@ class MicroBatchRecorder:
     def __init__(
         self,
         params: Sequence[Tensor],
-        micro_batch_size: int,
+        micro_batch_size: int | Sequence[int],
         *,
         grad_scale: float | None = None,
         keep_grads: bool = True,
         workspace: Workspace | None = None,
+        model: nn.Module | None = None,
     ) -> None:
-        _check_micro_batch_size(micro_batch_size)
+        self.sizes: tuple[int, ...] | None = None  # the list form: one size per micro-batch
+        if isinstance(micro_batch_size, Sequence) and not isinstance(micro_batch_size, str):
+            sizes = tuple(micro_batch_size)
+            if not sizes:
+                raise ValueError("Invalid micro_batch_size: an empty list of sizes")
+            for n in sizes:
+                _check_micro_batch_size(n)
+            self.sizes = sizes
+        else:
+            _check_micro_batch_size(micro_batch_size)
         if grad_scale is not None and (
             isinstance(grad_scale, bool)
             or not isinstance(grad_scale, (int, float))
@@ -94,7 +110,8 @@ class MicroBatchRecorder:
         if len(params) == 0:
             raise ValueError("Invalid params: no trainable parameters to record")
         self.params = list(params)
-        self.micro_batch_size = micro_batch_size
+        self.micro_batch_size = micro_batch_size if self.sizes is None else 1
+        self.model = model  # to read the micro-batches' sizes from its inputs (a check)
         self.grad_scale = None if grad_scale is None else float(grad_scale)
         self.keep_grads = keep_grads
         self.workspace = Workspace() if workspace is None else workspace
@@ -109,6 +126,7 @@ class MicroBatchRecorder:
         self._kept: dict[int, list[tuple[int, Tensor]]] = {}  # parameter -> (unit, copy of s G)
         self._base: dict[int, Tensor] = {}  # parameter -> .grad at entry (if not None)
         self._grads: list[tuple[Tensor, int] | None] | None = None  # .grad and version at exit
+        self._seen: list[list[int]] = []  # per unit: dim-0 sizes of the model's inputs
 
     @property
     def micro_batches(self) -> int:
@@ -124,7 +142,21 @@ class MicroBatchRecorder:
             if p.grad is not None:
                 self._base[j] = p.grad.detach().clone()
             self._handles.append(p.register_hook(self._hook(j)))
+        if self.model is not None:
+            self._handles.append(
+                self.model.register_forward_pre_hook(self._see_inputs, with_kwargs=True)
+            )
         return self
+
+    def _see_inputs(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        """Note the dim-0 size of the model's first tensor input, for the unit being recorded."""
+        first = next(
+            (a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.dim() > 0), None
+        )
+        while len(self._seen) <= self._units:
+            self._seen.append([])
+        if first is not None:
+            self._seen[self._units].append(int(first.shape[0]))
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
         for h in self._handles:
@@ -181,7 +213,16 @@ class MicroBatchRecorder:
                 "suggestion before recording the next step"
             )
         k = self._units
-        scale = 1.0 / k if self.grad_scale is None else self.grad_scale
+        self._check_sizes(k)
+        if self.sizes is None:
+            scale = 1.0 / k if self.grad_scale is None else self.grad_scale
+            unit_scales = torch.full((k,), scale, dtype=torch.float64)
+            weights, sum_scale = None, 1.0 / scale
+        else:  # micro-batch l's mean loss times s n_l / N: .grad is s times the batch gradient
+            s = 1.0 if self.grad_scale is None else self.grad_scale
+            n = torch.tensor(self.sizes, dtype=torch.float64)
+            unit_scales = s * n / n.sum()
+            weights, sum_scale = n, float(n.sum()) / s
         sums: list[Tensor] = []
         for j, (p, ref) in enumerate(zip(self.params, self._grads)):
             if ref is None:
@@ -198,6 +239,7 @@ class MicroBatchRecorder:
         sq = torch.stack([torch.stack(unit).double().pow(2).sum() for unit in self._norms])
         if sq.shape[0] < k:  # passes that reached no parameter
             sq = torch.cat([sq, sq.new_zeros(k - sq.shape[0])])
+        unit_scales = unit_scales.to(sq.device)
         keep, first, kept = self.keep_grads, dict(self._first), self._kept
 
         def dots(v: Sequence[Tensor]) -> Tensor:
@@ -210,12 +252,31 @@ class MicroBatchRecorder:
                     out[u] += d
                     total = total - d
                 out[u0] += total
-            return out / scale
+            return out / unit_scales.to(out.device)
 
         return reduce_units(
             sums,
-            sq / scale**2,
+            sq / unit_scales**2,
             dots if keep else None,
             unit_size=self.micro_batch_size,
-            sum_scale=1.0 / scale,
+            weights=weights,
+            sum_scale=sum_scale,
         )
+
+    def _check_sizes(self, k: int) -> None:
+        """Refuse sizes that do not match the recorded micro-batches."""
+        if self.sizes is not None:
+            if len(self.sizes) != k:
+                raise ValueError(
+                    f"Invalid micro_batch_size: {len(self.sizes)} sizes {list(self.sizes)} for "
+                    f"{k} recorded backward passes (one size per micro-batch)"
+                )
+            return
+        seen = [u[0] for u in self._seen[:k] if len(u) == 1]
+        if len(seen) == k and len(set(seen)) > 1:
+            raise ValueError(
+                f"Invalid micro_batch_size: {self.micro_batch_size} for every micro-batch, but "
+                f"the model's inputs had {seen} samples along dim 0 (e.g. x.chunk(k) with b % k "
+                "!= 0); pass the sizes instead: record_micro_batches([len(xs) for xs in chunks]) "
+                "and weight each mean loss by len(xs) / len(x)"
+            )
