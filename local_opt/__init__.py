@@ -2,7 +2,12 @@
 
 from local_opt.checkpoint import load_checkpoint, save_checkpoint
 from local_opt.optimizer import LocalOptimizer
-from local_opt.schedules import ConstantBatchSize, LinearRampBatchSize, StagewiseBatchSize
+from local_opt.schedules import (
+    ConstantBatchSize,
+    LinearRampBatchSize,
+    LRCoupling,
+    StagewiseBatchSize,
+)
 from local_opt.variance import VarianceTest
 
 __all__ = [
@@ -11,6 +16,7 @@ __all__ = [
     "ConstantBatchSize",
     "StagewiseBatchSize",
     "LinearRampBatchSize",
+    "LRCoupling",
     "save_checkpoint",
     "load_checkpoint",
 ]

@@ -22,6 +22,7 @@ from local_opt._backend_microbatch import (
 )
 from local_opt._backend_vmap import vmap_stats
 from local_opt._validate import is_int
+from local_opt.policy import EMA, clip_ratio, debiased_sq_norm, next_batch_size
 
 __all__ = ["VarianceTest"]
 
@@ -45,6 +46,36 @@ _AUTO_PREFERENCE: list[tuple[str, Callable[[nn.Module], bool]]] = [("hooks", sup
 _WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 _TESTS = ("norm", "inner_product", "augmented")
+
+#: Defaults of each policy (see VarianceTest's docstring for where each value comes from).
+_POLICY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "smoothed": {
+        "eta": 1.0,
+        "theta": 0.9,
+        "nu": 5.84,
+        "smoothing": 0.9,
+        "growth": 2.0,
+        "hysteresis": 0.05,
+        "outlier_ratio": 4.0,
+    },
+    "paper": {
+        "eta": 0.1,
+        "theta": 0.9,
+        "nu": 5.84,
+        "smoothing": 0.0,
+        "growth": None,
+        "hysteresis": 0.0,
+        "outlier_ratio": None,
+    },
+}
+
+#: The moving averages kept by VarianceTest: per-sample variances (trace of the covariance, the
+#: variance along the mean gradient's direction, the orthogonal rest) and the de-biased |G|^2.
+_EMA_KEYS = ("variance", "direction_variance", "orthogonal_variance", "sq_norm")
+
+#: Floor of the de-biased |G|^2 as a fraction of the observed ||g_bar||^2 (policy.debiased_sq_norm):
+#: 1 % keeps one noise-dominated round from asking for more than 100x the pooled batch.
+_SQ_NORM_FLOOR = 0.01
 
 
 def _resolve_backend(model: nn.Module) -> str:
@@ -253,10 +284,16 @@ class VarianceTest:
         loss_fn: Callable[[Tensor, Tensor], Tensor],
         *,
         test: str = "norm",
-        eta: float = 0.1,
-        theta: float = 0.9,
-        nu: float = 5.84,
+        eta: float | None = None,
+        theta: float | None = None,
+        nu: float | None = None,
         max_batch_size: int | None = None,
+        policy: str = "smoothed",
+        smoothing: float | None = None,
+        growth: float | None = None,
+        hysteresis: float | None = None,
+        outlier_ratio: float | None = None,
+        multiple_of: int = 1,
         backend: str = "auto",
         process_group: dist.ProcessGroup | None = None,
         every: int = 1,
@@ -280,13 +317,53 @@ class VarianceTest:
             raise ValueError(f"Invalid chunk_size: {chunk_size!r} (expected an int >= 1 or None)")
         if not is_int(micro_batches) or micro_batches < 2:
             raise ValueError(f"Invalid micro_batches: {micro_batches!r} (expected an int >= 2)")
+        if policy not in _POLICY_DEFAULTS:
+            names = ", ".join(_POLICY_DEFAULTS)
+            raise ValueError(f"Invalid policy: {policy!r} (expected one of {names})")
+        knobs = {
+            "smoothing": smoothing,
+            "growth": growth,
+            "hysteresis": hysteresis,
+            "outlier_ratio": outlier_ratio,
+        }
+        if policy == "paper":
+            given = [k for k, v in knobs.items() if v is not None]
+            if given:
+                raise RuntimeError(
+                    f"VarianceTest(policy='paper') uses the published formulas; {given[0]}= "
+                    "belongs to policy='smoothed'"
+                )
+        if not is_int(multiple_of) or multiple_of < 1:
+            raise ValueError(f"Invalid multiple_of: {multiple_of!r} (expected an int >= 1)")
+        defaults = _POLICY_DEFAULTS[policy]
         self.model = model
         self.loss_fn = loss_fn
         self.test = test
-        self.eta = _check_positive_float("eta", eta)
-        self.theta = _check_positive_float("theta", theta)
-        self.nu = _check_positive_float("nu", nu)
+        self.policy = policy
+        self.eta = _check_positive_float("eta", defaults["eta"] if eta is None else eta)
+        self.theta = _check_positive_float("theta", defaults["theta"] if theta is None else theta)
+        self.nu = _check_positive_float("nu", defaults["nu"] if nu is None else nu)
         self.max_batch_size = None if max_batch_size is None else int(max_batch_size)
+        self.multiple_of = int(multiple_of)
+        self.smoothing = float(defaults["smoothing"] if smoothing is None else smoothing)
+        if isinstance(smoothing, bool) or not (0.0 <= self.smoothing < 1.0):
+            raise ValueError(f"Invalid smoothing: {smoothing!r} (expected 0 <= smoothing < 1)")
+        g = defaults["growth"] if growth is None else growth
+        self.growth = None if g is None or g == math.inf else _check_positive_float("growth", g)
+        if self.growth is not None and self.growth <= 1.0:
+            raise ValueError(f"Invalid growth: {growth!r} (expected a number > 1, or inf)")
+        h = defaults["hysteresis"] if hysteresis is None else hysteresis
+        if isinstance(h, bool) or not isinstance(h, numbers.Real) or not 0.0 <= h < math.inf:
+            raise ValueError(f"Invalid hysteresis: {hysteresis!r} (expected a number >= 0)")
+        self.hysteresis = float(h)
+        r = defaults["outlier_ratio"] if outlier_ratio is None else outlier_ratio
+        self.outlier_ratio = (
+            None if r is None or r == math.inf else _check_positive_float("outlier_ratio", r)
+        )
+        if self.outlier_ratio is not None and self.outlier_ratio <= 1.0:
+            raise ValueError(f"Invalid outlier_ratio: {outlier_ratio!r} (expected > 1, or inf)")
+        # Moving averages of the per-sample variances and of the de-biased |G|^2 (policy.py).
+        self._ema = {k: EMA(self.smoothing) for k in _EMA_KEYS}
         self.backend = backend
         self.process_group = process_group
         self.every = int(every)
@@ -302,8 +379,8 @@ class VarianceTest:
         params = {"norm": f"eta={self.eta}", "inner_product": f"theta={self.theta}"}
         p = params.get(self.test, f"theta={self.theta}, nu={self.nu}")
         return (
-            f"{type(self).__name__}(test={self.test!r}, {p}{cap}, backend={self.backend!r}, "
-            f"every={self.every})"
+            f"{type(self).__name__}(test={self.test!r}, {p}{cap}, policy={self.policy!r}, "
+            f"backend={self.backend!r}, every={self.every})"
         )
 
     def suggest(self, inputs: Tensor, targets: Tensor, batch_size: int) -> int:
@@ -482,6 +559,7 @@ class VarianceTest:
         info: dict[str, Any] = pooled.as_dict()
         info.update(
             test=self.test,
+            policy=self.policy,
             backend=backend,
             round=self._calls - 1,
             batch_size=batch_size,
@@ -497,29 +575,97 @@ class VarianceTest:
         if g2 == 0.0:
             return self._keep(batch_size, "zero mean gradient")
         info.update(raw_batch_sizes(pooled, self.eta, self.theta, self.nu))
-        raw = info[f"raw_{self.test}"]
+        observed = self._observe(pooled, info)
+        if observed is not None:
+            return self._keep(batch_size, observed)
+        if self.policy == "paper":
+            raw = info[f"raw_{self.test}"]
+        else:
+            raw = info[f"smoothed_{self.test}"]
         info["raw"] = raw
         if not math.isfinite(raw):
             return self._keep(batch_size, f"non-finite statistic (raw {self.test} b' = {raw})")
-        out = self._clamp(max(batch_size, math.ceil(raw)))
+        out = next_batch_size(
+            batch_size,
+            raw,
+            cap=self.max_batch_size,
+            growth=self.growth,
+            hysteresis=self.hysteresis,
+            multiple_of=self.multiple_of,
+        )
         info.update(suggested=out, reason=None)
         self._last = out
         return out
 
+    def _observe(self, pooled: _stats.PooledStats, info: dict[str, Any]) -> str | None:
+        r"""Feed this round's estimates to the moving averages; the reason if they are unusable.
+
+        Adds to ``info``: the de-biased ``sq_norm_debiased`` of this round, the averages
+        ``smoothed_variance``, ``smoothed_sq_norm``, the global noise scale ``noise_scale``
+        (:math:`\operatorname{tr}\Sigma/|G|^2` from the averages) and ``smoothed_<test>``, the
+        batch sizes the tests ask for from the averages.
+        """
+        v = max(info["norm_variance"], 0.0)
+        g2 = pooled.mean_sq_norm
+        samples = pooled.count * pooled.unit_size
+        obs = {"variance": v, "sq_norm": debiased_sq_norm(g2, v, samples, _SQ_NORM_FLOOR)}
+        if self.test != "norm":
+            obs["direction_variance"] = max(info["inner_product_variance"], 0.0) / g2
+            obs["orthogonal_variance"] = max(info["orthogonal_variance"], 0.0)
+        bad = [k for k, x in obs.items() if not math.isfinite(x)]
+        if bad:
+            return f"non-finite statistic ({bad[0]} = {obs[bad[0]]})"
+        info["sq_norm_debiased"] = obs["sq_norm"]
+        for key, x in obs.items():
+            ema = self._ema[key]
+            ema.update(clip_ratio(x, ema.value, self.outlier_ratio))
+        m = pooled.world_size
+        sv, sg = self._ema["variance"].value, self._ema["sq_norm"].value
+        info.update(smoothed_variance=sv, smoothed_sq_norm=sg, noise_scale=sv / sg)
+        info["smoothed_norm"] = sv / (m * self.eta**2 * sg)
+        if self.test != "norm":
+            ip = self._ema["direction_variance"].value / (m * self.theta**2 * sg)
+            orth = self._ema["orthogonal_variance"].value / (m * self.nu**2 * sg)
+            info.update(smoothed_inner_product=ip, smoothed_orthogonality=orth)
+            info["smoothed_augmented"] = max(ip, orth)
+        return None
+
+    def noise_estimates(self) -> dict[str, float] | None:
+        r"""The moving averages of the per-sample variance and of :math:`|G|^2`, or None.
+
+        ``{"variance": tr Σ, "sq_norm": |G|², "noise_scale": tr Σ / |G|²}`` (per-sample
+        :math:`\operatorname{tr}\Sigma`, de-biased :math:`|G|^2`, the global simple noise scale),
+        from every round the test has run so far (with ``policy="paper"``: the last round only).
+        None before the first round with usable statistics. Used by
+        :class:`~local_opt.schedules.LRCoupling` for AdaScale's gain ratio.
+        """
+        v, g = self._ema["variance"], self._ema["sq_norm"]
+        if v.steps == 0 or g.steps == 0:
+            return None
+        return {"variance": v.value, "sq_norm": g.value, "noise_scale": v.value / g.value}
+
     def _keep(self, batch_size: int, reason: str) -> int:
+        out = self._clamp(batch_size)  # the cap wins here too
         warnings.warn(
-            f"VarianceTest: {reason}; keeping batch_size={batch_size}", RuntimeWarning, stacklevel=3
+            f"VarianceTest: {reason}; keeping batch_size={out}", RuntimeWarning, stacklevel=3
         )
-        self.last_stats.update(suggested=batch_size, reason=reason)
-        self._last = max(batch_size, self._last or 0)
-        return batch_size
+        self.last_stats.update(suggested=out, reason=reason)
+        self._last = self._clamp(max(batch_size, self._last or 0))
+        return out
 
     def state_dict(self) -> dict[str, Any]:
-        """The call counter and the last suggestion (plain Python values)."""
-        return {"calls": self._calls, "last_suggestion": self._last}
+        """The call counter, the last suggestion and the moving averages (plain Python values)."""
+        return {
+            "calls": self._calls,
+            "last_suggestion": self._last,
+            "ema": {k: e.state_dict() for k, e in self._ema.items()},
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s counter and last suggestion."""
+        """Restore :meth:`state_dict`'s counter, last suggestion and moving averages.
+
+        A state saved before the moving averages existed (no ``"ema"`` key) starts them empty.
+        """
         missing = {"calls", "last_suggestion"} - set(state_dict)
         if missing:
             raise ValueError(f"Invalid state_dict: missing keys {sorted(missing)}")
@@ -528,5 +674,15 @@ class VarianceTest:
             raise ValueError(f"Invalid state_dict: calls={calls!r}")
         if last is not None and (not is_int(last) or last < 1):
             raise ValueError(f"Invalid state_dict: last_suggestion={last!r}")
+        emas = {k: EMA(self.smoothing) for k in _EMA_KEYS}
+        saved = state_dict.get("ema", {})
+        if not isinstance(saved, dict) or set(saved) - set(_EMA_KEYS):
+            raise ValueError(f"Invalid state_dict: ema={saved!r}")
+        for k, state in saved.items():
+            try:
+                emas[k].load_state_dict(state)
+            except (KeyError, TypeError) as e:
+                raise ValueError(f"Invalid state_dict: ema[{k!r}]={state!r}") from e
         self._calls = int(calls)
         self._last = None if last is None else int(last)
+        self._ema = emas
