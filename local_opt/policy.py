@@ -5,7 +5,7 @@ them into the next batch size. Two policies:
 
 * ``"paper"`` — the published tests of `Lau et al., 2024 <https://arxiv.org/abs/2406.13936>`_
   as they are: one round's variances over :math:`\lVert\bar g\rVert^2`, :math:`b' =
-  \lceil\cdot\rceil`, ``min(cap, max(b, b'))``. Computed by :func:`local_opt.variance.raw_batch_sizes`.
+  \lceil\cdot\rceil`, ``min(cap, max(b, b'))``. Computed by :func:`local_opt._stats.raw_batch_sizes`.
 * ``"smoothed"`` (the default) — the same tests on estimates that are unbiased and averaged over
   rounds, the way the gradient noise scale is measured in practice (McCandlish et al., 2018,
   `An Empirical Model of Large-Batch Training <https://arxiv.org/abs/1812.06162>`_, appendix A;

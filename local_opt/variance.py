@@ -5,45 +5,20 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from local_opt import _comm, _stats
-from local_opt._backend_hooks import hooks_stats, supports, unsupported_layers
-from local_opt._backend_microbatch import (
-    MicroBatchRecorder,
-    Workspace,
-    microbatch_stats,
-    stats_from_micro_batch_grads,
-)
-from local_opt._backend_vmap import vmap_stats
+from local_opt import _comm, _stats, backends
 from local_opt._validate import is_int
+from local_opt.backends.microbatch import stats_from_micro_batch_grads
+from local_opt.backends.recorder import MicroBatchRecorder, Workspace
+from local_opt.backends.vmap import uses_batch_statistics
 from local_opt.policy import EMA, clip_ratio, debiased_sq_norm, next_batch_size
 
 __all__ = ["VarianceTest"]
-
-Backend = Callable[..., _stats.GradStats]
-
-#: Backends by name: ``(model, loss_fn, inputs, targets, **options) -> GradStats`` for this rank's
-#: batch. VarianceTest passes the options ``chunk_size`` (int or None), ``micro_batches`` (int)
-#: and ``inner_products`` (bool, False when the test does not need ``inner_sq_sum``, which may
-#: then return NaN); a backend takes them as keywords and ignores the ones it does not use.
-_BACKENDS: dict[str, Backend] = {
-    "hooks": hooks_stats,
-    "vmap": vmap_stats,
-    "microbatch": microbatch_stats,
-}
-
-#: Exact backends that ``backend="auto"`` prefers over ``"vmap"``, fastest first, each with a
-#: predicate ``model -> bool`` telling whether it supports the model as it is now.
-_AUTO_PREFERENCE: list[tuple[str, Callable[[nn.Module], bool]]] = [("hooks", supports)]
-
-#: Models already warned about falling back from the hooks backend (one warning per model).
-_WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 _TESTS = ("norm", "inner_product", "augmented")
 
@@ -57,6 +32,7 @@ _POLICY_DEFAULTS: dict[str, dict[str, Any]] = {
         "growth": 2.0,
         "hysteresis": 0.05,
         "outlier_ratio": 4.0,
+        "batch_statistics": "worker",
     },
     "paper": {
         "eta": 0.1,
@@ -66,6 +42,7 @@ _POLICY_DEFAULTS: dict[str, dict[str, Any]] = {
         "growth": None,
         "hysteresis": 0.0,
         "outlier_ratio": None,
+        "batch_statistics": "backend",
     },
 }
 
@@ -76,28 +53,6 @@ _EMA_KEYS = ("variance", "direction_variance", "orthogonal_variance", "sq_norm")
 #: Floor of the de-biased |G|^2 as a fraction of the observed ||g_bar||^2 (policy.debiased_sq_norm):
 #: 1 % keeps one noise-dominated round from asking for more than 100x the pooled batch.
 _SQ_NORM_FLOOR = 0.01
-
-
-def _resolve_backend(model: nn.Module) -> str:
-    """The backend ``"auto"`` means for ``model``: the first exact backend that supports it.
-
-    Falling back to ``"vmap"`` warns once per model, naming the layer the hooks backend lacks.
-    """
-    for name, check in _AUTO_PREFERENCE:
-        if check(model):
-            return name
-    missing = unsupported_layers(model)
-    if missing and model not in _WARNED:
-        _WARNED.add(model)
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        warnings.warn(
-            f"VarianceTest(backend='auto'): the hooks backend does not cover {missing[0]}{more}; "
-            "using the exact but slower 'vmap' backend (pass backend='microbatch' for a cheap "
-            "estimate)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    return "vmap"
 
 
 def _check_positive_float(name: str, value: Any) -> float:
@@ -112,26 +67,6 @@ def _check_batch_size(batch_size: Any) -> int:
     if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"Invalid batch_size: {batch_size!r} (expected an int >= 1)")
     return int(batch_size)
-
-
-def raw_batch_sizes(
-    pooled: _stats.PooledStats, eta: float, theta: float, nu: float
-) -> dict[str, float]:
-    """The variances and the real-valued batch size each test asks for, from pooled statistics.
-
-    Keys: ``norm_variance``, ``inner_product_variance``, ``orthogonal_variance`` and ``raw_norm``,
-    ``raw_inner_product``, ``raw_orthogonality``, ``raw_augmented`` (before ``ceil``). Requires
-    ``pooled.count >= 2`` and ``pooled.mean_sq_norm > 0``.
-    """
-    return {
-        "norm_variance": _stats.norm_variance(pooled),
-        "inner_product_variance": _stats.inner_product_variance(pooled),
-        "orthogonal_variance": _stats.orthogonal_variance(pooled),
-        "raw_norm": _stats.norm_test(pooled, eta),
-        "raw_inner_product": _stats.inner_product_test(pooled, theta),
-        "raw_orthogonality": _stats.orthogonality_test(pooled, nu),
-        "raw_augmented": _stats.augmented_test(pooled, theta, nu),
-    }
 
 
 class VarianceTest:
@@ -186,7 +121,7 @@ class VarianceTest:
       equal micro-batches of the batch (one extra forward/backward of the batch; almost free
       with :meth:`record_micro_batches` when training already accumulates gradients over
       micro-batches). Works for any model; noisier (``micro_batches - 1`` degrees of freedom per
-      rank instead of ``b - 1``). Formulas in :mod:`local_opt._backend_microbatch`.
+      rank instead of ``b - 1``). Formulas in :mod:`local_opt.backends.microbatch`.
     * ``"hooks"`` — exact per-sample squared norms and inner products from forward/backward
       hooks on the parameterized layers (Linear, also over sequences; Conv1d/2d; Embedding;
       LayerNorm, GroupNorm, BatchNorm; timm's LayerNorm2d, LayerScale and BatchNormAct2d;
@@ -200,7 +135,7 @@ class VarianceTest:
       input and output, the backpropagated signal including the coupling through the batch
       statistics — whose mean is exactly the batch gradient (this differs from ``"vmap"``'s
       Jacobian rows, which split the gradient by loss term instead). Details in
-      :mod:`local_opt._backend_hooks`.
+      :mod:`local_opt.backends.hooks`.
     * ``"auto"`` — ``"hooks"`` when it covers every parameter of the model, else ``"vmap"``,
       with a one-time warning naming the layer it lacks.
 
@@ -294,6 +229,7 @@ class VarianceTest:
         hysteresis: float | None = None,
         outlier_ratio: float | None = None,
         multiple_of: int = 1,
+        batch_statistics: str | None = None,
         backend: str = "auto",
         process_group: dist.ProcessGroup | None = None,
         every: int = 1,
@@ -306,9 +242,8 @@ class VarianceTest:
             raise TypeError(f"Invalid loss_fn: expected a callable, got {type(loss_fn).__name__}")
         if test not in _TESTS:
             raise ValueError(f"Invalid test: {test!r} (expected one of {', '.join(_TESTS)})")
-        if backend != "auto" and backend not in _BACKENDS:
-            names = ", ".join(["auto", *_BACKENDS])
-            raise ValueError(f"Invalid backend: {backend!r} (expected one of {names})")
+        if backend != "auto":
+            backends.get(backend)  # ValueError naming the choices
         if max_batch_size is not None and (not is_int(max_batch_size) or max_batch_size < 1):
             raise ValueError(f"Invalid max_batch_size: {max_batch_size!r} (expected an int >= 1)")
         if not is_int(every) or every < 1:
@@ -336,6 +271,13 @@ class VarianceTest:
         if not is_int(multiple_of) or multiple_of < 1:
             raise ValueError(f"Invalid multiple_of: {multiple_of!r} (expected an int >= 1)")
         defaults = _POLICY_DEFAULTS[policy]
+        if batch_statistics is None:
+            batch_statistics = defaults["batch_statistics"]
+        if batch_statistics not in ("worker", "backend"):
+            raise ValueError(
+                f"Invalid batch_statistics: {batch_statistics!r} (expected 'worker' or 'backend')"
+            )
+        self.batch_statistics = batch_statistics
         self.model = model
         self.loss_fn = loss_fn
         self.test = test
@@ -406,17 +348,32 @@ class VarianceTest:
         skipped = self._skip(batch_size)
         if skipped is not None:
             return skipped
-        backend = _resolve_backend(self.model) if self.backend == "auto" else self.backend
-        stats = _BACKENDS[backend](
+        backend, micro_batches = self._estimator()
+        stats = backends.get(backend)(
             self.model,
             self.loss_fn,
             inputs,
             targets,
             chunk_size=self.chunk_size,
-            micro_batches=self.micro_batches,
+            micro_batches=micro_batches,
             inner_products=self.test != "norm",
         )
-        return self._decide(stats, batch_size, backend)
+        return self._decide(stats, batch_size, "worker" if micro_batches == 1 else backend)
+
+    def _estimator(self) -> tuple[str, int]:
+        """The backend and micro-batch count this round uses (``micro_batches=1``: per worker).
+
+        With ``batch_statistics="worker"``, a model whose BatchNorm normalizes with batch
+        statistics and at least two workers, every backend gives way to the per-worker estimate:
+        the units are the workers' batch gradients, BatchNorm as in training.
+        """
+        if (
+            self.batch_statistics == "worker"
+            and _comm.world_size(self.process_group) >= 2
+            and uses_batch_statistics(self.model)
+        ):
+            return "microbatch", 1
+        return backends.resolve(self.backend, self.model), self.micro_batches
 
     def suggest_from_micro_batch_grads(
         self, grads: Sequence[Sequence[Tensor]], micro_batch_size: int, batch_size: int
@@ -464,11 +421,11 @@ class VarianceTest:
         read each micro-batch's gradient on its way into ``.grad`` (nothing is recomputed, the
         training code is unchanged, and ``.grad`` ends up exactly as without the recorder).
         Then :meth:`suggest_from_recorded` runs the test with the ``"microbatch"`` estimate of
-        :mod:`local_opt._backend_microbatch`, pooled over the ranks. The norm test keeps no
+        :mod:`local_opt.backends.microbatch`, pooled over the ranks. The norm test keeps no
         gradient (one read of each micro-batch gradient); the inner-product tests also copy the
         gradients of all micro-batches but the first into ``k - 1`` gradient-sized buffers that
         this VarianceTest keeps for the next step. Details and costs:
-        :class:`~local_opt._backend_microbatch.MicroBatchRecorder`.
+        :class:`~local_opt.backends.recorder.MicroBatchRecorder`.
 
         Args:
             micro_batch_size (int): samples per micro-batch (the same for every micro-batch and
@@ -574,7 +531,7 @@ class VarianceTest:
             return self._keep(batch_size, f"non-finite mean gradient norm ({g2})")
         if g2 == 0.0:
             return self._keep(batch_size, "zero mean gradient")
-        info.update(raw_batch_sizes(pooled, self.eta, self.theta, self.nu))
+        info.update(_stats.raw_batch_sizes(pooled, self.eta, self.theta, self.nu))
         observed = self._observe(pooled, info)
         if observed is not None:
             return self._keep(batch_size, observed)

@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from local_opt import LRCoupling, VarianceTest
+from local_opt._stats import raw_batch_sizes
 from local_opt.policy import EMA, adascale_gain, clip_ratio, debiased_sq_norm, next_batch_size
-from local_opt.variance import raw_batch_sizes
 
 D = 6
 
