@@ -16,7 +16,7 @@ from local_opt._validate import is_int
 from local_opt.backends.microbatch import stats_from_micro_batch_grads
 from local_opt.backends.recorder import MicroBatchRecorder, Workspace
 from local_opt.backends.vmap import uses_batch_statistics
-from local_opt.policy import EMA, clip_ratio, debiased_sq_norm, next_batch_size
+from local_opt.policy import EMA, debiased_sq_norm, next_batch_size, robust_sq_norm
 
 __all__ = ["VarianceTest"]
 
@@ -90,8 +90,23 @@ class VarianceTest:
             \frac{\sum_j \operatorname{Var}_i\big(g_i - \frac{\langle g_i,\bar g\rangle}
             {\lVert\bar g\rVert^2}\bar g\big)_j}{M \nu^2 \lVert\bar g\rVert^2}\right\rceil\right)
 
-    and :meth:`suggest` returns ``min(max_batch_size, max(batch_size, b'))``: the batch never
-    shrinks (unless ``batch_size`` already exceeds the cap, which wins).
+    With ``policy="paper"`` these are computed from the last round alone and :meth:`suggest`
+    returns ``min(max_batch_size, max(batch_size, b'))``: the published tests, bit for bit.
+
+    **The default policy, ``"smoothed"``**, asks the same questions of better estimates
+    (:mod:`local_opt.policy`): :math:`\lVert\bar g\rVert^2` is inflated by the noise
+    (:math:`\mathbb E\lVert\bar g\rVert^2 = |G|^2 + \operatorname{tr}\Sigma/N`), so it is
+    replaced by the unbiased :math:`\widehat{|G|^2} = \lVert\bar g\rVert^2 -
+    \operatorname{tr}\Sigma/N` (floored at 1 % of :math:`\lVert\bar g\rVert^2`); each numerator
+    and this denominator enter their own bias-corrected moving average over the rounds, with an
+    observation more than ``outlier_ratio`` times away from its average clipped; the test asks
+    for the ratio of the averages. With :math:`\eta = 1` the norm test then asks for a *global*
+    batch :math:`Mb` equal to the simple gradient noise scale
+    :math:`B_{\text{simple}} = \operatorname{tr}\Sigma/|G|^2` of McCandlish et al., 2018 —
+    the batch size beyond which larger batches stop reducing the number of steps proportionally.
+    The batch moves only when the test asks for more than ``1 + hysteresis`` times it, by at
+    most ``growth`` times per round, rounded to ``multiple_of``, never above the cap (the cap
+    always wins, also on kept and skipped rounds) and never down.
 
     **Pooling is exact.** Each rank reduces its batch to the sufficient statistics of
     :mod:`local_opt._stats` (sample count, :math:`\sum g_i`, :math:`\sum\lVert g_i\rVert^2`,
@@ -150,12 +165,45 @@ class VarianceTest:
             ``loss_fn(model(x[None]), y[None])``; a batch's loss must be the mean of its samples'
             losses (true for mean reductions with the same number of elements per sample).
         test (str): ``"norm"``, ``"inner_product"`` or ``"augmented"`` (default: ``"norm"``).
-        eta (float): :math:`\eta` of the norm test; smaller asks for larger batches
-            (default: 0.1).
-        theta (float): :math:`\vartheta` of the (augmented) inner-product test (default: 0.9).
-        nu (float): :math:`\nu` of the orthogonality part of the augmented test (default: 5.84).
+        eta (float, optional): :math:`\eta` of the norm test; smaller asks for larger batches.
+            Default 1 with ``policy="smoothed"``: the global batch then follows the simple noise
+            scale :math:`\operatorname{tr}\Sigma/|G|^2` (McCandlish et al., 2018); chosen on the
+            validation data of the project's tasks (see the README's "Choice of η"). 0.1 with
+            ``policy="paper"``, the reference implementation's default (see the note below).
+        theta (float, optional): :math:`\vartheta` of the (augmented) inner-product test
+            (default: 0.9, Bollapragada et al., 2018, for both policies).
+        nu (float, optional): :math:`\nu` of the orthogonality part of the augmented test
+            (default: 5.84, Bollapragada et al., 2018, for both policies).
         max_batch_size (int, optional): cap on the suggested per-worker batch size
-            (default: None, no cap).
+            (default: None, no cap). Always wins.
+        policy (str): ``"smoothed"`` (default) or ``"paper"``, the published tests exactly as
+            published (one round, :math:`\lVert\bar g\rVert^2` as is, ceil, no limits).
+        smoothing (float, optional): :math:`\beta` of the bias-corrected moving averages, per
+            round (default: 0.9, the value of the noise-scale policy measured in
+            ``FINDINGS`` on the LM task; AdaptDL's ``GradientNoiseScale`` uses the same
+            correction with 0.999 per step). ``0`` uses the last round only.
+        growth (float, optional): largest factor by which the batch grows in one round
+            (default: 2, the doubling of stagewise schedules; a single noisy round cannot
+            send the batch to the cap). ``math.inf`` for no limit.
+        hysteresis (float, optional): move only when the test asks for more than
+            ``(1 + hysteresis) * b`` (default: 0.05, AdaptDL's rule of re-configuring only for
+            a gain of at least 5 %).
+        outlier_ratio (float, optional): a round's :math:`|G|^2` estimate is adjusted so that
+            its noise scale is within this factor of the averaged one before it is averaged in
+            (default: 4, about the largest round-to-round jump of the smoothed noise scale
+            measured on the LM, 27 to 104; ``math.inf`` turns the clip off).
+        multiple_of (int): round a new batch size to a multiple of this, e.g. 8 for hardware
+            friendly sizes (default: 1).
+        batch_statistics (str, optional): what the variance is of when the model's BatchNorm
+            normalizes with batch statistics (training mode). ``"worker"`` (the default with
+            ``policy="smoothed"``): the variance of the mini-batch gradient training really
+            uses, estimated from the :math:`M \ge 2` workers' batch gradients (each with
+            BatchNorm over its whole batch, as in training; unbiased, :math:`M - 1` degrees of
+            freedom per round, hence the smoothing), whatever ``backend`` says; with one worker
+            the backend's own definition. ``"backend"`` (the default with ``policy="paper"``):
+            each backend's own per-sample definition (below). Chosen from measurements on digits
+            (README, "Choice of η"): the hooks backend's per-sample contributions overstate the
+            batch gradient's variance 2.4–12×.
         backend (str): ``"auto"``, ``"hooks"``, ``"vmap"`` or ``"microbatch"``
             (default: ``"auto"``).
         process_group (ProcessGroup, optional): the workers to pool over (default: None, the
@@ -174,11 +222,15 @@ class VarianceTest:
             chosen test's ``raw`` (NaN for the inner-product statistics when ``test="norm"``
             with the ``"vmap"`` backend, which skips them), plus ``test``, ``backend``,
             ``round``, ``rank``, ``batch_size`` (given), ``suggested`` (returned), ``ran`` (False
-            on skipped rounds) and ``reason`` (why the batch size was kept, or None).
+            on skipped rounds) and ``reason`` (why the batch size was kept, or None). The raw
+            ``raw_*`` are the published one-round formulas with either policy; ``raw`` is what
+            the decision used: with ``policy="smoothed"`` the test's ``smoothed_*`` value, next
+            to ``sq_norm_debiased`` (this round), ``smoothed_variance``, ``smoothed_sq_norm``
+            and ``noise_scale`` (their ratio, the global :math:`B_{\text{simple}}`).
 
     Example::
 
-        >>> vt = VarianceTest(model, F.cross_entropy, test="norm", eta=0.1, max_batch_size=1024)
+        >>> vt = VarianceTest(model, F.cross_entropy, max_batch_size=1024)  # untuned defaults
         >>> opt = LocalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sync_every=8,
         ...                      module=model)
         >>> sampler = AdaptiveBatchSampler(dataset, batch_size=32)
@@ -192,7 +244,7 @@ class VarianceTest:
         ...         sampler.set_batch_size(b)
 
     .. note::
-        Defaults. :math:`\eta = 0.1` is the default of the first author's reference
+        ``policy="paper"`` defaults. :math:`\eta = 0.1` is the default of the first author's reference
         implementation of these tests (`AdAdaGrad <https://github.com/timlautk/AdAdaGrad>`_,
         Lau, Liu and Kolar, 2024), whose experiment scripts use :math:`\eta` from 0.1 to 0.5;
         :math:`\vartheta = 0.9` and :math:`\nu = 5.84` are the values of Bollapragada, Byrd and
@@ -209,7 +261,7 @@ class VarianceTest:
 
     .. note::
         When fewer than two samples are pooled, the mean gradient is zero, or a statistic is not
-        finite, :meth:`suggest` returns ``batch_size`` unchanged with a ``RuntimeWarning``
+        finite, :meth:`suggest` returns ``batch_size`` (capped) with a ``RuntimeWarning``
         (never NaN), and ``last_stats["reason"]`` says why.
     """
 
@@ -573,9 +625,11 @@ class VarianceTest:
         if bad:
             return f"non-finite statistic ({bad[0]} = {obs[bad[0]]})"
         info["sq_norm_debiased"] = obs["sq_norm"]
+        if self._ema["variance"].steps:
+            ref = self._ema["variance"].value / self._ema["sq_norm"].value
+            obs["sq_norm"] = robust_sq_norm(v, obs["sq_norm"], ref, self.outlier_ratio)
         for key, x in obs.items():
-            ema = self._ema[key]
-            ema.update(clip_ratio(x, ema.value, self.outlier_ratio))
+            self._ema[key].update(x)
         m = pooled.world_size
         sv, sg = self._ema["variance"].value, self._ema["sq_norm"].value
         info.update(smoothed_variance=sv, smoothed_sq_norm=sg, noise_scale=sv / sg)
