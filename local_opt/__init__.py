@@ -3,7 +3,12 @@
 from local_opt.backends.hooks import StatsCapture
 from local_opt.checkpoint import load_checkpoint, save_checkpoint
 from local_opt.optimizer import LocalOptimizer
-from local_opt.schedules import ConstantBatchSize, LinearRampBatchSize, StagewiseBatchSize
+from local_opt.schedules import (
+    ConstantBatchSize,
+    LinearRampBatchSize,
+    LRCoupling,
+    StagewiseBatchSize,
+)
 from local_opt.variance import VarianceTest
 
 __all__ = [
@@ -13,6 +18,7 @@ __all__ = [
     "ConstantBatchSize",
     "StagewiseBatchSize",
     "LinearRampBatchSize",
+    "LRCoupling",
     "save_checkpoint",
     "load_checkpoint",
 ]

@@ -16,10 +16,44 @@ from local_opt._validate import is_int
 from local_opt.backends.hooks import StatsCapture
 from local_opt.backends.microbatch import stats_from_micro_batch_grads
 from local_opt.backends.recorder import MicroBatchRecorder, Workspace
+from local_opt.backends.vmap import uses_batch_statistics
+from local_opt.policy import EMA, debiased_sq_norm, next_batch_size, robust_sq_norm
 
 __all__ = ["VarianceTest"]
 
 _TESTS = ("norm", "inner_product", "augmented")
+
+#: Defaults of each policy (see VarianceTest's docstring for where each value comes from).
+_POLICY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "smoothed": {
+        "eta": 2.0,
+        "theta": 0.9,
+        "nu": 5.84,
+        "smoothing": 0.9,
+        "growth": 2.0,
+        "hysteresis": 0.05,
+        "outlier_ratio": 4.0,
+        "batch_statistics": "worker",
+    },
+    "paper": {
+        "eta": 0.1,
+        "theta": 0.9,
+        "nu": 5.84,
+        "smoothing": 0.0,
+        "growth": None,
+        "hysteresis": 0.0,
+        "outlier_ratio": None,
+        "batch_statistics": "backend",
+    },
+}
+
+#: The moving averages kept by VarianceTest: per-sample variances (trace of the covariance, the
+#: variance along the mean gradient's direction, the orthogonal rest) and the de-biased |G|^2.
+_EMA_KEYS = ("variance", "direction_variance", "orthogonal_variance", "sq_norm")
+
+#: Floor of the de-biased |G|^2 as a fraction of the observed ||g_bar||^2 (policy.debiased_sq_norm):
+#: 1 % keeps one noise-dominated round from asking for more than 100x the pooled batch.
+_SQ_NORM_FLOOR = 0.01
 
 
 def _check_positive_float(name: str, value: Any) -> float:
@@ -57,8 +91,23 @@ class VarianceTest:
             \frac{\sum_j \operatorname{Var}_i\big(g_i - \frac{\langle g_i,\bar g\rangle}
             {\lVert\bar g\rVert^2}\bar g\big)_j}{M \nu^2 \lVert\bar g\rVert^2}\right\rceil\right)
 
-    and :meth:`suggest` returns ``min(max_batch_size, max(batch_size, b'))``: the batch never
-    shrinks (unless ``batch_size`` already exceeds the cap, which wins).
+    With ``policy="paper"`` these are computed from the last round alone and :meth:`suggest`
+    returns ``min(max_batch_size, max(batch_size, b'))``: the published tests, bit for bit.
+
+    **The default policy, ``"smoothed"``**, asks the same questions of better estimates
+    (:mod:`local_opt.policy`): :math:`\lVert\bar g\rVert^2` is inflated by the noise
+    (:math:`\mathbb E\lVert\bar g\rVert^2 = |G|^2 + \operatorname{tr}\Sigma/N`), so it is
+    replaced by the unbiased :math:`\widehat{|G|^2} = \lVert\bar g\rVert^2 -
+    \operatorname{tr}\Sigma/N` (floored at 1 % of :math:`\lVert\bar g\rVert^2`); each numerator
+    and this denominator enter their own bias-corrected moving average over the rounds, with an
+    observation more than ``outlier_ratio`` times away from its average clipped; the test asks
+    for the ratio of the averages. With :math:`\eta = 1` the norm test then asks for a *global*
+    batch :math:`Mb` equal to the simple gradient noise scale
+    :math:`B_{\text{simple}} = \operatorname{tr}\Sigma/|G|^2` of McCandlish et al., 2018 —
+    the batch size beyond which larger batches stop reducing the number of steps proportionally.
+    The batch moves only when the test asks for more than ``1 + hysteresis`` times it, by at
+    most ``growth`` times per round, rounded to ``multiple_of``, never above the cap (the cap
+    always wins, also on kept and skipped rounds) and never down.
 
     **Pooling is exact.** Each rank reduces its batch to the sufficient statistics of
     :mod:`local_opt._stats` (sample count, :math:`\sum g_i`, :math:`\sum\lVert g_i\rVert^2`,
@@ -119,12 +168,51 @@ class VarianceTest:
             ``loss_fn(model(x[None]), y[None])``; a batch's loss must be the mean of its samples'
             losses (true for mean reductions with the same number of elements per sample).
         test (str): ``"norm"``, ``"inner_product"`` or ``"augmented"`` (default: ``"norm"``).
-        eta (float): :math:`\eta` of the norm test; smaller asks for larger batches
-            (default: 0.1).
-        theta (float): :math:`\vartheta` of the (augmented) inner-product test (default: 0.9).
-        nu (float): :math:`\nu` of the orthogonality part of the augmented test (default: 5.84).
+        eta (float, optional): :math:`\eta` of the norm test; smaller asks for larger batches.
+            With ``policy="smoothed"`` the global batch :math:`Mb` follows
+            :math:`B_{\text{simple}}/\eta^2`, :math:`B_{\text{simple}} =
+            \operatorname{tr}\Sigma/|G|^2` (McCandlish et al., 2018): :math:`\eta = 1` trains at
+            the noise scale, where their model predicts twice the minimal number of samples;
+            the default :math:`\eta = 2` at a quarter of it, predicted 1.25 times the minimal
+            samples for 5 times the minimal steps. Chosen on validation data of the project's
+            tasks: :math:`\eta = 1` reached the cap within 3 rounds on digits and ended
+            0.55 nats above constant-small on the LM (README, "Choice of η"). 0.1 with
+            ``policy="paper"``, the reference implementation's default (see the note below).
+        theta (float, optional): :math:`\vartheta` of the (augmented) inner-product test
+            (default: 0.9, Bollapragada et al., 2018, for both policies).
+        nu (float, optional): :math:`\nu` of the orthogonality part of the augmented test
+            (default: 5.84, Bollapragada et al., 2018, for both policies).
         max_batch_size (int, optional): cap on the suggested per-worker batch size
-            (default: None, no cap).
+            (default: None, no cap). Always wins.
+        policy (str): ``"smoothed"`` (default) or ``"paper"``, the published tests exactly as
+            published (one round, :math:`\lVert\bar g\rVert^2` as is, ceil, no limits).
+        smoothing (float, optional): :math:`\beta` of the bias-corrected moving averages, per
+            round (default: 0.9, an average over about the last 10 rounds: the value the
+            project's earlier LM measurements of the noise-scale policy used, kept because it
+            followed the noise scale smoothly on both tasks; AdaptDL's ``GradientNoiseScale``
+            uses the same correction with 0.999 per step). ``0`` uses the last round only.
+        growth (float, optional): largest factor by which the batch grows in one round
+            (default: 2, the doubling of stagewise schedules; a single noisy round cannot
+            send the batch to the cap). ``math.inf`` for no limit.
+        hysteresis (float, optional): move only when the test asks for more than
+            ``(1 + hysteresis) * b`` (default: 0.05, AdaptDL's rule of re-configuring only for
+            a gain of at least 5 %).
+        outlier_ratio (float, optional): a round's :math:`|G|^2` estimate is adjusted so that
+            its noise scale is within this factor of the averaged one before it is averaged in
+            (default: 4, about the largest round-to-round jump of the smoothed noise scale
+            measured on the LM, 27 to 104; ``math.inf`` turns the clip off).
+        multiple_of (int): round a new batch size to a multiple of this, e.g. 8 for hardware
+            friendly sizes (default: 1).
+        batch_statistics (str, optional): what the variance is of when the model's BatchNorm
+            normalizes with batch statistics (training mode). ``"worker"`` (the default with
+            ``policy="smoothed"``): the variance of the mini-batch gradient training really
+            uses, estimated from the :math:`M \ge 2` workers' batch gradients (each with
+            BatchNorm over its whole batch, as in training; unbiased, :math:`M - 1` degrees of
+            freedom per round, hence the smoothing), whatever ``backend`` says; with one worker
+            the backend's own definition. ``"backend"`` (the default with ``policy="paper"``):
+            each backend's own per-sample definition (below). Chosen from measurements on digits
+            (README, "Choice of η"): the hooks backend's per-sample contributions overstate the
+            batch gradient's variance 2.4–12×.
         backend (str): ``"auto"``, ``"hooks"``, ``"vmap"`` or ``"microbatch"``
             (default: ``"auto"``).
         process_group (ProcessGroup, optional): the workers to pool over (default: None, the
@@ -143,11 +231,15 @@ class VarianceTest:
             chosen test's ``raw`` (NaN for the inner-product statistics when ``test="norm"``
             with the ``"vmap"`` backend, which skips them), plus ``test``, ``backend``,
             ``round``, ``rank``, ``batch_size`` (given), ``suggested`` (returned), ``ran`` (False
-            on skipped rounds) and ``reason`` (why the batch size was kept, or None).
+            on skipped rounds) and ``reason`` (why the batch size was kept, or None). The raw
+            ``raw_*`` are the published one-round formulas with either policy; ``raw`` is what
+            the decision used: with ``policy="smoothed"`` the test's ``smoothed_*`` value, next
+            to ``sq_norm_debiased`` (this round), ``smoothed_variance``, ``smoothed_sq_norm``
+            and ``noise_scale`` (their ratio, the global :math:`B_{\text{simple}}`).
 
     Example::
 
-        >>> vt = VarianceTest(model, F.cross_entropy, test="norm", eta=0.1, max_batch_size=1024)
+        >>> vt = VarianceTest(model, F.cross_entropy, max_batch_size=1024)  # untuned defaults
         >>> opt = LocalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sync_every=8,
         ...                      module=model)
         >>> sampler = AdaptiveBatchSampler(dataset, batch_size=32)
@@ -161,7 +253,7 @@ class VarianceTest:
         ...         sampler.set_batch_size(b)
 
     .. note::
-        Defaults. :math:`\eta = 0.1` is the default of the first author's reference
+        ``policy="paper"`` defaults. :math:`\eta = 0.1` is the default of the first author's reference
         implementation of these tests (`AdAdaGrad <https://github.com/timlautk/AdAdaGrad>`_,
         Lau, Liu and Kolar, 2024), whose experiment scripts use :math:`\eta` from 0.1 to 0.5;
         :math:`\vartheta = 0.9` and :math:`\nu = 5.84` are the values of Bollapragada, Byrd and
@@ -178,7 +270,7 @@ class VarianceTest:
 
     .. note::
         When fewer than two samples are pooled, the mean gradient is zero, or a statistic is not
-        finite, :meth:`suggest` returns ``batch_size`` unchanged with a ``RuntimeWarning``
+        finite, :meth:`suggest` returns ``batch_size`` (capped) with a ``RuntimeWarning``
         (never NaN), and ``last_stats["reason"]`` says why.
     """
 
@@ -188,10 +280,17 @@ class VarianceTest:
         loss_fn: Callable[[Tensor, Tensor], Tensor],
         *,
         test: str = "norm",
-        eta: float = 0.1,
-        theta: float = 0.9,
-        nu: float = 5.84,
+        eta: float | None = None,
+        theta: float | None = None,
+        nu: float | None = None,
         max_batch_size: int | None = None,
+        policy: str = "smoothed",
+        smoothing: float | None = None,
+        growth: float | None = None,
+        hysteresis: float | None = None,
+        outlier_ratio: float | None = None,
+        multiple_of: int = 1,
+        batch_statistics: str | None = None,
         backend: str = "auto",
         process_group: dist.ProcessGroup | None = None,
         every: int = 1,
@@ -214,13 +313,60 @@ class VarianceTest:
             raise ValueError(f"Invalid chunk_size: {chunk_size!r} (expected an int >= 1 or None)")
         if not is_int(micro_batches) or micro_batches < 2:
             raise ValueError(f"Invalid micro_batches: {micro_batches!r} (expected an int >= 2)")
+        if policy not in _POLICY_DEFAULTS:
+            names = ", ".join(_POLICY_DEFAULTS)
+            raise ValueError(f"Invalid policy: {policy!r} (expected one of {names})")
+        knobs = {
+            "smoothing": smoothing,
+            "growth": growth,
+            "hysteresis": hysteresis,
+            "outlier_ratio": outlier_ratio,
+        }
+        if policy == "paper":
+            given = [k for k, v in knobs.items() if v is not None]
+            if given:
+                raise RuntimeError(
+                    f"VarianceTest(policy='paper') uses the published formulas; {given[0]}= "
+                    "belongs to policy='smoothed'"
+                )
+        if not is_int(multiple_of) or multiple_of < 1:
+            raise ValueError(f"Invalid multiple_of: {multiple_of!r} (expected an int >= 1)")
+        defaults = _POLICY_DEFAULTS[policy]
+        if batch_statistics is None:
+            batch_statistics = defaults["batch_statistics"]
+        if batch_statistics not in ("worker", "backend"):
+            raise ValueError(
+                f"Invalid batch_statistics: {batch_statistics!r} (expected 'worker' or 'backend')"
+            )
+        self.batch_statistics = batch_statistics
         self.model = model
         self.loss_fn = loss_fn
         self.test = test
-        self.eta = _check_positive_float("eta", eta)
-        self.theta = _check_positive_float("theta", theta)
-        self.nu = _check_positive_float("nu", nu)
+        self.policy = policy
+        self.eta = _check_positive_float("eta", defaults["eta"] if eta is None else eta)
+        self.theta = _check_positive_float("theta", defaults["theta"] if theta is None else theta)
+        self.nu = _check_positive_float("nu", defaults["nu"] if nu is None else nu)
         self.max_batch_size = None if max_batch_size is None else int(max_batch_size)
+        self.multiple_of = int(multiple_of)
+        self.smoothing = float(defaults["smoothing"] if smoothing is None else smoothing)
+        if isinstance(smoothing, bool) or not (0.0 <= self.smoothing < 1.0):
+            raise ValueError(f"Invalid smoothing: {smoothing!r} (expected 0 <= smoothing < 1)")
+        g = defaults["growth"] if growth is None else growth
+        self.growth = None if g is None or g == math.inf else _check_positive_float("growth", g)
+        if self.growth is not None and self.growth <= 1.0:
+            raise ValueError(f"Invalid growth: {growth!r} (expected a number > 1, or inf)")
+        h = defaults["hysteresis"] if hysteresis is None else hysteresis
+        if isinstance(h, bool) or not isinstance(h, numbers.Real) or not 0.0 <= h < math.inf:
+            raise ValueError(f"Invalid hysteresis: {hysteresis!r} (expected a number >= 0)")
+        self.hysteresis = float(h)
+        r = defaults["outlier_ratio"] if outlier_ratio is None else outlier_ratio
+        self.outlier_ratio = (
+            None if r is None or r == math.inf else _check_positive_float("outlier_ratio", r)
+        )
+        if self.outlier_ratio is not None and self.outlier_ratio <= 1.0:
+            raise ValueError(f"Invalid outlier_ratio: {outlier_ratio!r} (expected > 1, or inf)")
+        # Moving averages of the per-sample variances and of the de-biased |G|^2 (policy.py).
+        self._ema = {k: EMA(self.smoothing) for k in _EMA_KEYS}
         self.backend = backend
         self.process_group = process_group
         self.every = int(every)
@@ -236,8 +382,8 @@ class VarianceTest:
         params = {"norm": f"eta={self.eta}", "inner_product": f"theta={self.theta}"}
         p = params.get(self.test, f"theta={self.theta}, nu={self.nu}")
         return (
-            f"{type(self).__name__}(test={self.test!r}, {p}{cap}, backend={self.backend!r}, "
-            f"every={self.every})"
+            f"{type(self).__name__}(test={self.test!r}, {p}{cap}, policy={self.policy!r}, "
+            f"backend={self.backend!r}, every={self.every})"
         )
 
     def suggest(self, inputs: Tensor, targets: Tensor, batch_size: int) -> int:
@@ -263,17 +409,33 @@ class VarianceTest:
         skipped = self._skip(batch_size)
         if skipped is not None:
             return skipped
+        name, micro_batches = self._estimator()
         backend, stats = backends.compute(
-            self.backend,
+            name,
             self.model,
             self.loss_fn,
             inputs,
             targets,
             chunk_size=self.chunk_size,
-            micro_batches=self.micro_batches,
+            micro_batches=micro_batches,
             inner_products=self.test != "norm",
         )
-        return self._decide(stats, batch_size, backend)
+        return self._decide(stats, batch_size, "worker" if micro_batches == 1 else backend)
+
+    def _estimator(self) -> tuple[str, int]:
+        """The backend name and micro-batch count this round uses (``micro_batches=1``: per worker).
+
+        With ``batch_statistics="worker"``, a model whose BatchNorm normalizes with batch
+        statistics and at least two workers, every backend gives way to the per-worker estimate:
+        the units are the workers' batch gradients, BatchNorm as in training.
+        """
+        if (
+            self.batch_statistics == "worker"
+            and _comm.world_size(self.process_group) >= 2
+            and uses_batch_statistics(self.model)
+        ):
+            return "microbatch", 1
+        return self.backend, self.micro_batches
 
     def suggest_from_micro_batch_grads(
         self, grads: Sequence[Sequence[Tensor]], micro_batch_size: int, batch_size: int
@@ -449,6 +611,7 @@ class VarianceTest:
         info: dict[str, Any] = pooled.as_dict()
         info.update(
             test=self.test,
+            policy=self.policy,
             backend=backend,
             round=self._calls - 1,
             batch_size=batch_size,
@@ -464,29 +627,99 @@ class VarianceTest:
         if g2 == 0.0:
             return self._keep(batch_size, "zero mean gradient")
         info.update(_stats.raw_batch_sizes(pooled, self.eta, self.theta, self.nu))
-        raw = info[f"raw_{self.test}"]
+        observed = self._observe(pooled, info)
+        if observed is not None:
+            return self._keep(batch_size, observed)
+        if self.policy == "paper":
+            raw = info[f"raw_{self.test}"]
+        else:
+            raw = info[f"smoothed_{self.test}"]
         info["raw"] = raw
         if not math.isfinite(raw):
             return self._keep(batch_size, f"non-finite statistic (raw {self.test} b' = {raw})")
-        out = self._clamp(max(batch_size, math.ceil(raw)))
+        out = next_batch_size(
+            batch_size,
+            raw,
+            cap=self.max_batch_size,
+            growth=self.growth,
+            hysteresis=self.hysteresis,
+            multiple_of=self.multiple_of,
+        )
         info.update(suggested=out, reason=None)
         self._last = out
         return out
 
+    def _observe(self, pooled: _stats.PooledStats, info: dict[str, Any]) -> str | None:
+        r"""Feed this round's estimates to the moving averages; the reason if they are unusable.
+
+        Adds to ``info``: the de-biased ``sq_norm_debiased`` of this round, the averages
+        ``smoothed_variance``, ``smoothed_sq_norm``, the global noise scale ``noise_scale``
+        (:math:`\operatorname{tr}\Sigma/|G|^2` from the averages) and ``smoothed_<test>``, the
+        batch sizes the tests ask for from the averages.
+        """
+        v = max(info["norm_variance"], 0.0)
+        g2 = pooled.mean_sq_norm
+        samples = pooled.count * pooled.unit_size
+        obs = {"variance": v, "sq_norm": debiased_sq_norm(g2, v, samples, _SQ_NORM_FLOOR)}
+        if self.test != "norm":
+            obs["direction_variance"] = max(info["inner_product_variance"], 0.0) / g2
+            obs["orthogonal_variance"] = max(info["orthogonal_variance"], 0.0)
+        bad = [k for k, x in obs.items() if not math.isfinite(x)]
+        if bad:
+            return f"non-finite statistic ({bad[0]} = {obs[bad[0]]})"
+        info["sq_norm_debiased"] = obs["sq_norm"]
+        if self._ema["variance"].steps:
+            ref = self._ema["variance"].value / self._ema["sq_norm"].value
+            obs["sq_norm"] = robust_sq_norm(v, obs["sq_norm"], ref, self.outlier_ratio)
+        for key, x in obs.items():
+            self._ema[key].update(x)
+        m = pooled.world_size
+        sv, sg = self._ema["variance"].value, self._ema["sq_norm"].value
+        info.update(smoothed_variance=sv, smoothed_sq_norm=sg, noise_scale=sv / sg)
+        info["smoothed_norm"] = sv / (m * self.eta**2 * sg)
+        if self.test != "norm":
+            ip = self._ema["direction_variance"].value / (m * self.theta**2 * sg)
+            orth = self._ema["orthogonal_variance"].value / (m * self.nu**2 * sg)
+            info.update(smoothed_inner_product=ip, smoothed_orthogonality=orth)
+            info["smoothed_augmented"] = max(ip, orth)
+        return None
+
+    def noise_estimates(self) -> dict[str, float] | None:
+        r"""The moving averages of the per-sample variance and of :math:`|G|^2`, or None.
+
+        ``{"variance": tr Σ, "sq_norm": |G|², "noise_scale": tr Σ / |G|²}`` (per-sample
+        :math:`\operatorname{tr}\Sigma`, de-biased :math:`|G|^2`, the global simple noise scale),
+        from every round the test has run so far (with ``policy="paper"``: the last round only).
+        None before the first round with usable statistics. Used by
+        :class:`~local_opt.schedules.LRCoupling` for AdaScale's gain ratio.
+        """
+        v, g = self._ema["variance"], self._ema["sq_norm"]
+        if v.steps == 0 or g.steps == 0:
+            return None
+        return {"variance": v.value, "sq_norm": g.value, "noise_scale": v.value / g.value}
+
     def _keep(self, batch_size: int, reason: str) -> int:
+        out = self._clamp(batch_size)  # the cap wins here too
         warnings.warn(
-            f"VarianceTest: {reason}; keeping batch_size={batch_size}", RuntimeWarning, stacklevel=3
+            f"VarianceTest: {reason}; keeping batch_size={out}", RuntimeWarning, stacklevel=3
         )
-        self.last_stats.update(suggested=batch_size, reason=reason)
-        self._last = max(batch_size, self._last or 0)
-        return batch_size
+        self.last_stats.update(suggested=out, reason=reason)
+        self._last = self._clamp(max(batch_size, self._last or 0))
+        return out
 
     def state_dict(self) -> dict[str, Any]:
-        """The call counter and the last suggestion (plain Python values)."""
-        return {"calls": self._calls, "last_suggestion": self._last}
+        """The call counter, the last suggestion and the moving averages (plain Python values)."""
+        return {
+            "calls": self._calls,
+            "last_suggestion": self._last,
+            "ema": {k: e.state_dict() for k, e in self._ema.items()},
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s counter and last suggestion."""
+        """Restore :meth:`state_dict`'s counter, last suggestion and moving averages.
+
+        A state saved before the moving averages existed (no ``"ema"`` key) starts them empty.
+        """
         missing = {"calls", "last_suggestion"} - set(state_dict)
         if missing:
             raise ValueError(f"Invalid state_dict: missing keys {sorted(missing)}")
@@ -495,5 +728,15 @@ class VarianceTest:
             raise ValueError(f"Invalid state_dict: calls={calls!r}")
         if last is not None and (not is_int(last) or last < 1):
             raise ValueError(f"Invalid state_dict: last_suggestion={last!r}")
+        emas = {k: EMA(self.smoothing) for k in _EMA_KEYS}
+        saved = state_dict.get("ema", {})
+        if not isinstance(saved, dict) or set(saved) - set(_EMA_KEYS):
+            raise ValueError(f"Invalid state_dict: ema={saved!r}")
+        for k, state in saved.items():
+            try:
+                emas[k].load_state_dict(state)
+            except (KeyError, TypeError) as e:
+                raise ValueError(f"Invalid state_dict: ema[{k!r}]={state!r}") from e
         self._calls = int(calls)
         self._last = None if last is None else int(last)
+        self._ema = emas

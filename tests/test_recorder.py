@@ -17,7 +17,7 @@ from test_variance import TESTS, make_data, make_net, reference
 from local_opt import VarianceTest
 
 K, M = 3, 4  # micro-batches per step, samples per micro-batch
-ONES = {"eta": 1.0, "theta": 1.0, "nu": 1.0}
+ONES = {"eta": 1.0, "theta": 1.0, "nu": 1.0, "policy": "paper"}  # the published formulas
 KEYS = (
     "mean_sq_norm",
     "norm_variance",

@@ -86,8 +86,14 @@ def brute_force_batch_coupled(model: nn.Module, x: torch.Tensor, y: torch.Tensor
     return torch.stack(rows).double()
 
 
-def reference(units: torch.Tensor, world: int, eta=1.0, theta=1.0, nu=1.0, unit_size=1) -> dict:
-    """Variances and raw b' straight from stacked units with torch.var (divides by n - 1)."""
+def reference(
+    units: torch.Tensor, world: int, eta=1.0, theta=1.0, nu=1.0, unit_size=1, policy="paper"
+) -> dict:
+    """Variances and raw b' straight from stacked units with torch.var (divides by n - 1).
+
+    The published formulas: what ``VarianceTest(policy="paper")`` computes.
+    """
+    assert policy == "paper"
     gbar = units.mean(0)
     g2 = gbar.dot(gbar)
     ip = units @ gbar
@@ -115,8 +121,12 @@ def expected(raw: float, batch_size: int, cap: int | None = None) -> int:
 
 
 def pick_constants(ref1: dict, batch_size: int) -> dict:
-    """eta, theta, nu such that the raw b' are 3.3b (norm), 2.2b (ip), 2.7b (orthogonality)."""
+    """eta, theta, nu such that the raw b' are 3.3b (norm), 2.2b (ip), 2.7b (orthogonality).
+
+    With ``policy="paper"``: the published formulas, which these tests check bit for bit.
+    """
     return {
+        "policy": "paper",
         "eta": math.sqrt(ref1["raw_norm"] / (3.3 * batch_size)),
         "theta": math.sqrt(ref1["raw_inner_product"] / (2.2 * batch_size)),
         "nu": math.sqrt(ref1["raw_orthogonality"] / (2.7 * batch_size)),
@@ -338,7 +348,8 @@ def test_microbatch_estimate_is_unbiased(test):
     singles = []
     for order in orders:
         vt = VarianceTest(
-            model, loss_fn, test=test, backend="microbatch", micro_batches=3, eta=1, theta=1, nu=1
+            model, loss_fn, test=test, backend="microbatch", micro_batches=3, eta=1, theta=1, nu=1,
+            policy="paper",
         )
         vt.suggest(x[order], y[order], 6)
         s = vt.last_stats
@@ -368,7 +379,7 @@ def test_microbatch_remainder_and_precomputed_grads():
     units = torch.stack([torch.cat([g.reshape(-1) for g in unit]) for unit in grads])
     ref = reference(units, 1, unit_size=2)
     for test in TESTS:
-        ones = {"eta": 1.0, "theta": 1.0, "nu": 1.0}
+        ones = {"eta": 1.0, "theta": 1.0, "nu": 1.0, "policy": "paper"}
         a = VarianceTest(
             model, F.cross_entropy, test=test, backend="microbatch", micro_batches=4, **ones
         )
@@ -441,7 +452,7 @@ def test_state_dict_round_trip(setup):
     a.suggest(x, y, B)
     a.suggest(x[:6], y[:6], B)
     state = a.state_dict()
-    assert state == {"calls": 3, "last_suggestion": a._last}
+    assert state["calls"] == 3 and state["last_suggestion"] == a._last
     b = VarianceTest(model, F.cross_entropy, every=2, **consts)
     b.load_state_dict(state)
     for i in range(4):
@@ -616,7 +627,7 @@ def test_auto_falls_back_to_vmap_once_with_a_warning_naming_the_layer():
     torch.manual_seed(0)
     model = WithConv3d().double()
     x, y = torch.randn(6, 1, 3, 3, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
-    vt = VarianceTest(model, F.cross_entropy, max_batch_size=10**6)
+    vt = VarianceTest(model, F.cross_entropy, max_batch_size=10**6, policy="paper")
     with pytest.warns(RuntimeWarning, match="conv3d"):
         b1 = vt.suggest(x, y, 6)
     assert vt.last_stats["backend"] == "vmap"
