@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from local_opt.backends.hooks.rules.affine import AffineRule
-from local_opt.backends.hooks.rules.base import register
+from local_opt.backends.hooks.rules.base import register, register_named
 
 __all__: list[str] = []  # private module
 
@@ -28,3 +28,5 @@ class LinearRule(AffineRule):
 
 
 register(LinearRule(), nn.Linear)
+# timm's Linear overrides forward only to cast the weight under torchscript: still F.linear.
+register_named(LinearRule(), "timm.layers.linear.Linear")

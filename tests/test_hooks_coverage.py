@@ -1,0 +1,229 @@
+"""Coverage of the hooks backend by behaviour: every rule against a per-sample autograd loop.
+
+The reference is the plainest one there is: one forward and one backward per sample, in float64,
+``torch.autograd.grad`` of that sample's loss with respect to every trainable parameter. Each
+case runs in eval and in train mode (no dropout, no BatchNorm: the per-sample gradients are the
+same definition in both) and checks ``Σ_i g_i``, ``Σ_i ‖g_i‖²`` and ``Σ_i ⟨g_i, v⟩²`` (a random
+``v`` and the mean gradient) to 1e-8 relative.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from local_opt._stats import pool
+from local_opt.backends.hooks import StatsCapture, hooks_grad_stats, unsupported_layers
+
+TOL = 1e-8
+
+
+# ----------------------------------------------------------------------------------------------
+# reference and check
+# ----------------------------------------------------------------------------------------------
+
+
+def loop_per_sample(model: nn.Module, loss_fn, x, y) -> torch.Tensor:
+    """Per-sample gradients ``(N, P)`` of the trainable parameters (``parameters()`` order), one
+    forward and backward per sample."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(x.shape[0]):
+        loss = loss_fn(model(x[i : i + 1]), y[i : i + 1])
+        gs = torch.autograd.grad(loss, params, allow_unused=True)
+        rows.append(
+            torch.cat(
+                [
+                    (torch.zeros_like(p) if g is None else g).reshape(-1).double()
+                    for g, p in zip(gs, params)
+                ]
+            )
+        )
+    return torch.stack(rows)
+
+
+def flat(ts) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1).double() for t in ts])
+
+
+def rel(a, b) -> float:
+    a, b = (torch.as_tensor(t, dtype=torch.float64) for t in (a, b))
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def check(model: nn.Module, x, y, loss_fn=F.cross_entropy, tol=TOL, capture=True) -> None:
+    """The hooks backend (separate pass and, with ``capture``, the training step's own backward)
+    against the per-sample loop."""
+    assert unsupported_layers(model) == []
+    ref = loop_per_sample(model, loss_fn, x, y)
+    params = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(1)
+    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    ref_sum, ref_sq = ref.sum(0), (ref * ref).sum()
+    ref_q = ((ref @ flat(v)) ** 2).sum()
+    ref_qm = ((ref @ (ref_sum / x.shape[0])) ** 2).sum()
+    stats = hooks_grad_stats(model, loss_fn, x, y)
+    assert rel(flat(stats.grad_sum), ref_sum) <= tol
+    assert rel(stats.sq_norm_sum, ref_sq) <= tol
+    assert rel(stats.inner_sq_sum(v), ref_q) <= tol
+    assert rel(pool(stats).inner_sq_sum, ref_qm) <= tol
+    if not capture:
+        return
+    for p in params:
+        p.grad = None
+    with StatsCapture(model) as cap:
+        loss_fn(model(x), y).backward()
+    got = cap.grad_stats()
+    assert rel(flat(p.grad for p in params), ref_sum / x.shape[0]) <= tol
+    assert rel(flat(got.grad_sum) * got.sum_scale, ref_sum) <= tol
+    assert rel(got.sq_norm_sum, ref_sq) <= tol
+    assert rel(got.inner_sq_sum(v), ref_q) <= tol
+    for p in params:
+        p.grad = None
+
+
+def randomize(model: nn.Module, scale: float = 0.3) -> nn.Module:
+    """Move every parameter and float buffer away from its (often 0 or 1) initial value, so that
+    no per-sample gradient vanishes by construction."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        for name, b in model.named_buffers():
+            if b.is_floating_point():
+                b.copy_(b + 0.1 * torch.rand(b.shape, generator=gen, dtype=b.dtype))
+    return model
+
+
+def images(n=4, c=4, hw=6, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, hw, hw, generator=g, dtype=torch.float64)
+    return x, torch.randint(0, classes, (n,), generator=g)
+
+
+def sequences(n=4, t=5, d=8, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, t, d, generator=g, dtype=torch.float64)
+    return x, torch.randint(0, classes, (n,), generator=g)
+
+
+class Head(nn.Module):
+    """Pool to ``(N, C)`` and classify: the loss sees every position."""
+
+    def __init__(self, c: int, classes: int = 3, dims=(2, 3)):
+        super().__init__()
+        self.dims = dims
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        return self.fc(x.pow(2).mean(self.dims) + x.mean(self.dims))
+
+
+MODES = pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+
+
+# ----------------------------------------------------------------------------------------------
+# normalizations, activations, timm's Linear
+# ----------------------------------------------------------------------------------------------
+
+
+def _image_layers():
+    pytest.importorskip("timm")
+    from timm.layers import GroupNormAct, LayerNormAct2d, RmsNorm2d
+    from timm.layers.grn import GlobalResponseNorm
+
+    return {
+        "InstanceNorm2d": lambda: nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
+        "InstanceNorm1d": lambda: nn.Sequential(
+            nn.Flatten(2), nn.InstanceNorm1d(4, affine=True), nn.Unflatten(2, (6, 6))
+        ),
+        "PReLU(C)": lambda: nn.PReLU(4),
+        "PReLU(1)": lambda: nn.PReLU(),
+        "timm.RmsNorm2d": lambda: RmsNorm2d(4),
+        "timm.GroupNormAct": lambda: GroupNormAct(4, 2, act_layer=nn.ReLU, inplace=True),
+        "timm.LayerNormAct2d": lambda: LayerNormAct2d(4, act_layer=nn.GELU),
+        "timm.GlobalResponseNorm(NCHW)": lambda: GlobalResponseNorm(4, channels_last=False),
+        "timm.GlobalResponseNorm(NHWC)": lambda: nn.Sequential(
+            Permute(0, 2, 3, 1), GlobalResponseNorm(4), Permute(0, 3, 1, 2)
+        ),
+    }
+
+
+class Permute(nn.Module):
+    def __init__(self, *dims):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return x.permute(*self.dims)
+
+
+IMAGE_LAYERS = [
+    "InstanceNorm2d",
+    "InstanceNorm1d",
+    "PReLU(C)",
+    "PReLU(1)",
+    "timm.RmsNorm2d",
+    "timm.GroupNormAct",
+    "timm.LayerNormAct2d",
+    "timm.GlobalResponseNorm(NCHW)",
+    "timm.GlobalResponseNorm(NHWC)",
+]
+
+
+@MODES
+@pytest.mark.parametrize("name", IMAGE_LAYERS)
+def test_image_layer_matches_loop(name, train):
+    layer = _image_layers()[name]()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), layer, Head(4))
+    randomize(model.double()).train(train)
+    x, y = images(c=3)
+    check(model, x, y)
+
+
+def _sequence_layers():
+    pytest.importorskip("timm")
+    from timm.layers import LayerNormAct, Linear, RmsNorm
+
+    return {
+        "RMSNorm": lambda: nn.RMSNorm(8),
+        "RMSNorm(eps=None)": lambda: nn.RMSNorm([5, 8], eps=None),
+        "timm.RmsNorm": lambda: RmsNorm(8),
+        "timm.LayerNormAct": lambda: LayerNormAct(8, act_layer=nn.SiLU),
+        "timm.Linear": lambda: Linear(8, 8),
+        "PReLU(T)": lambda: nn.PReLU(5),
+    }
+
+
+SEQUENCE_LAYERS = [
+    "RMSNorm",
+    "RMSNorm(eps=None)",
+    "timm.RmsNorm",
+    "timm.LayerNormAct",
+    "timm.Linear",
+    "PReLU(T)",
+]
+
+
+@MODES
+@pytest.mark.parametrize("name", SEQUENCE_LAYERS)
+def test_sequence_layer_matches_loop(name, train):
+    layer = _sequence_layers()[name]()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), layer, Head(8, dims=(1,)))
+    randomize(model.double()).train(train)
+    x, y = sequences()
+    check(model, x, y)
+
+
+def test_timm_mobilenetv3_is_covered_and_exact():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", num_classes=3).double().eval()
+    randomize(model, 0.05)
+    assert unsupported_layers(model) == []
+    x, y = images(n=2, c=3, hw=32)
+    check(model, x, y, capture=False)
