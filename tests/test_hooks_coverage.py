@@ -91,7 +91,7 @@ def randomize(model: nn.Module, scale: float = 0.3) -> nn.Module:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-        for name, b in model.named_buffers():
+        for b in model.buffers():
             if b.is_floating_point():
                 b.copy_(b + 0.1 * torch.rand(b.shape, generator=gen, dtype=b.dtype))
     return model
