@@ -378,7 +378,7 @@ class Tied(nn.Module):
     [
         (nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4)), ["1 (LSTM"]),
         (nn.MultiheadAttention(4, 2), ["<root> (MultiheadAttention"]),
-        (Bare((4,)), ["<root> (Bare: parameters ['scale']"]),
+        (nn.Sequential(nn.Bilinear(4, 4, 4)), ["0 (Bilinear: parameters"]),
         (nn.Sequential(OwnForward(4, 4)), ["0 (OwnForward"]),
         (nn.Sequential(nn.Conv3d(1, 1, 2)), ["0 (Conv3d"]),
         (nn.Sequential(nn.Embedding(5, 4, max_norm=1.0)), ["0 (Embedding: max_norm"]),

@@ -227,3 +227,104 @@ def test_timm_mobilenetv3_is_covered_and_exact():
     assert unsupported_layers(model) == []
     x, y = images(n=2, c=3, hw=32)
     check(model, x, y, capture=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# loose parameters used through slicing, indexing and broadcasting
+# ----------------------------------------------------------------------------------------------
+
+
+class RelPosAttention(nn.Module):
+    """Swin-style attention: a bias gathered from a relative-position table (through
+    ``scaled_dot_product_attention``'s mask or added to the scores), an XCiT-style temperature
+    per head, windows of the sequence as extra rows of the batch."""
+
+    def __init__(self, dim=8, heads=2, window=3, sdpa=False):
+        super().__init__()
+        self.heads, self.window, self.sdpa = heads, window, sdpa
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.table = nn.Parameter(torch.randn(2 * window - 1, heads))
+        self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
+        idx = torch.arange(window)
+        self.register_buffer("index", idx[:, None] - idx[None, :] + window - 1)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        qkv = self.qkv(x).reshape(n * (t // self.window), self.window, 3 * d)  # windows
+        q, k, v = qkv.reshape(qkv.shape[0], self.window, 3, self.heads, -1).unbind(2)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        bias = self.table[self.index.reshape(-1)].reshape(self.window, self.window, -1)
+        bias = bias.permute(2, 0, 1).unsqueeze(0)
+        if self.sdpa:
+            out = F.scaled_dot_product_attention(q * self.temperature, k, v, attn_mask=bias)
+        else:
+            att = (q @ k.transpose(-1, -2)) * self.temperature + bias
+            out = att.softmax(-1) @ v
+        return out.transpose(1, 2).reshape(n, t, d)
+
+
+class LooseNet(nn.Module):
+    """A positional table used sliced, a ConvNeXt-style ``gamma`` used in place and twice,
+    attention with a relative-position table."""
+
+    def __init__(self, dim=8, length=9, sdpa=False):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(length + 3, dim))
+        self.attn = RelPosAttention(dim, sdpa=sdpa)
+        self.gamma = nn.Parameter(torch.randn(dim))
+        self.fc = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        h = x + self.pos[: x.shape[1]]
+        h = h + self.attn(h)
+        h = (self.fc(h) + h).mul_(self.gamma.reshape(1, 1, -1)) + h * self.gamma[0]
+        return self.head(h.mean(1))
+
+
+@MODES
+@pytest.mark.parametrize("sdpa", [False, True], ids=["scores", "sdpa"])
+def test_loose_parameters_match_loop(sdpa, train):
+    torch.manual_seed(0)
+    model = randomize(LooseNet(sdpa=sdpa).double()).train(train)
+    assert unsupported_layers(model) == []
+    x, y = sequences(t=9)
+    check(model, x, y)
+
+
+class LooseMatmul(nn.Module):
+    """A loose parameter used as a matmul weight: not an elementwise use."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head((x @ self.w).mean(1))
+
+
+class SequenceFirst(nn.Module):
+    """A loose bias added to a sequence-first tensor: its rows are positions, not samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = x.transpose(0, 1) + self.bias  # (T, N, D)
+        return self.head(h.pow(2).mean(0))
+
+
+@pytest.mark.parametrize(
+    "model, match",
+    [(LooseMatmul(), "matmul"), (SequenceFirst(), "rows for 3 samples")],
+    ids=["matmul", "sequence-first"],
+)
+def test_loose_parameter_used_otherwise_is_reported(model, match):
+    model.double()
+    x, y = sequences()
+    assert unsupported_layers(model) == []  # found out while the model runs, not before
+    with pytest.raises(RuntimeError, match=match):
+        hooks_grad_stats(model, F.cross_entropy, x, y)

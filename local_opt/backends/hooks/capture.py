@@ -158,6 +158,9 @@ def _register_site(site: Site, on_call: Callable[[Tensor, Tensor], None]) -> lis
         if isinstance(y, Tensor) and y.requires_grad:
             on_call(x, y)
 
+    own = getattr(site.rule, "register", None)
+    if own is not None:  # a rule that installs its own hooks (the model's loose parameters)
+        return own(site, on_call)
     child = site.rule.output_child(site.module)
     if child is None:
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from local_opt.backends.hooks.rules import Site, find_rule
+from local_opt.backends.hooks.rules.bare import BARE_RULE, takes_loose
 
 __all__: list[str] = []  # private module
 
@@ -38,6 +39,7 @@ def plan_model(model: nn.Module) -> tuple[list[Site], list[tuple[str, nn.Paramet
     sites: list[Site] = []
     bare: list[tuple[str, nn.Parameter]] = []
     missing: list[str] = []
+    loose: dict[str, nn.Parameter] = {}
     modules = list(model.named_modules())
     owners: dict[int, list[str]] = {}
     for mname, module in modules:
@@ -68,11 +70,15 @@ def plan_model(model: nn.Module) -> tuple[list[Site], list[tuple[str, nn.Paramet
                 missing.append(f"{mname or '<root>'} ({cls}: {why})")
             continue
         other = [n for n, p in trainable.items() if not _is_broadcast(p)]
-        if other:
+        if other and takes_loose(module):  # used functionally: followed through the forward
+            loose.update({f"{mname}.{n}" if mname else n: trainable[n] for n in other})
+        elif other:
             missing.append(f"{mname or '<root>'} ({cls}: parameters {other} have no rule)")
         for n, p in trainable.items():
             if _is_broadcast(p):
                 bare.append((f"{mname}.{n}" if mname else n, p))
+    if loose:
+        sites.append(Site("<loose parameters>", model, BARE_RULE, loose))
     return sites, bare, missing
 
 
