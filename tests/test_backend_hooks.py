@@ -377,7 +377,7 @@ class Tied(nn.Module):
     "model, expected",
     [
         (nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4)), ["1 (LSTM"]),
-        (nn.MultiheadAttention(4, 2), ["<root> (MultiheadAttention"]),
+        (nn.Sequential(nn.GRU(4, 4)), ["0 (GRU"]),
         (nn.Sequential(nn.Bilinear(4, 4, 4)), ["0 (Bilinear: parameters"]),
         (nn.Sequential(OwnForward(4, 4)), ["0 (OwnForward"]),
         (nn.Sequential(nn.Conv3d(1, 1, 2)), ["0 (Conv3d"]),

@@ -328,3 +328,86 @@ def test_loose_parameter_used_otherwise_is_reported(model, match):
     assert unsupported_layers(model) == []  # found out while the model runs, not before
     with pytest.raises(RuntimeError, match=match):
         hooks_grad_stats(model, F.cross_entropy, x, y)
+
+
+# ----------------------------------------------------------------------------------------------
+# nn.MultiheadAttention and the transformer layers built on it
+# ----------------------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, batch_first=True, mask=False, **kw):
+        super().__init__()
+        self.batch_first, self.mask = batch_first, mask
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first, **kw)
+        self.head = Head(8, dims=(1,))
+
+    def forward(self, x):
+        t = x.shape[1]
+        causal = torch.triu(torch.ones(t, t, dtype=torch.bool), 1) if self.mask else None
+        padding = x[..., 0] > 1.0  # per sample, from the data
+        padding[:, 0] = False
+        h = x if self.batch_first else x.transpose(0, 1)
+        out, weights = self.attn(
+            h, h, h, attn_mask=causal, key_padding_mask=padding if self.mask else None,
+            need_weights=self.mask,
+        )
+        out = out if self.batch_first else out.transpose(0, 1)
+        if weights is not None:
+            out = out + weights.mean(-1, keepdim=True)
+        return self.head(out)
+
+
+class CrossAttention(nn.Module):
+    """Separate q/k/v projection weights (kdim, vdim != embed_dim), a shorter memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, kdim=6, vdim=5, batch_first=True)
+        self.head = Head(8, dims=(1,))
+
+    def forward(self, x):
+        mem = x[:, :3]
+        out, _ = self.attn(x, mem[..., :6], mem[..., 3:])
+        return self.head(out)
+
+
+ATTENTION = {
+    "packed, batch_first": lambda: SelfAttention(),
+    "packed, sequence first": lambda: SelfAttention(batch_first=False),
+    "bias_k/v, zero attn, masks, weights": lambda: SelfAttention(
+        mask=True, add_bias_kv=True, add_zero_attn=True
+    ),
+    "separate q/k/v": lambda: CrossAttention(),
+}
+
+
+@MODES
+@pytest.mark.parametrize("name", list(ATTENTION))
+def test_multihead_attention_matches_loop(name, train):
+    torch.manual_seed(0)
+    model = randomize(ATTENTION[name]().double()).train(train)
+    x, y = sequences()
+    check(model, x, y)
+
+
+def test_multihead_attention_frozen_in_proj():
+    """The issue's case: a frozen in_proj and a trainable out_proj."""
+    torch.manual_seed(0)
+    model = randomize(SelfAttention().double())
+    model.attn.in_proj_weight.requires_grad_(False)
+    model.attn.in_proj_bias.requires_grad_(False)
+    x, y = sequences()
+    check(model, x, y)
+
+
+@MODES
+def test_transformer_encoder_matches_loop(train):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=True)
+    model = nn.Sequential(
+        nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), Head(8, dims=(1,))
+    )
+    randomize(model.double()).train(train)
+    x, y = sequences()
+    check(model, x, y)

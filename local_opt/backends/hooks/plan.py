@@ -46,10 +46,19 @@ def plan_model(model: nn.Module) -> tuple[list[Site], list[tuple[str, nn.Paramet
         for n, p in module._parameters.items():
             if p is not None and p.requires_grad:
                 owners.setdefault(id(p), []).append(f"{mname}.{n}" if mname else n)
+    claimed = {  # submodules whose parameters their parent's rule handles (MHA's out_proj)
+        id(getattr(m, c)) for _, m in modules for c in getattr(find_rule(m), "claimed_children", ())
+    }
     for mname, module in modules:
         trainable = {
             n: p for n, p in module._parameters.items() if p is not None and p.requires_grad
         }
+        if id(module) in claimed:
+            continue
+        for c in getattr(find_rule(module), "claimed_children", ()):
+            trainable.update(
+                {f"{c}.{n}": p for n, p in getattr(module, c).named_parameters() if p.requires_grad}
+            )
         if not trainable:
             continue
         cls = type(module).__name__
@@ -62,7 +71,7 @@ def plan_model(model: nn.Module) -> tuple[list[Site], list[tuple[str, nn.Paramet
         rule = find_rule(module)
         if rule is not None:
             reason = rule.unsupported(module)
-            extra = [n for n in trainable if n not in rule.param_names]
+            extra = [n for n in trainable if n not in rule.param_names and "." not in n]
             if reason is None and not extra:
                 sites.append(Site(mname, module, rule, trainable))
             else:

@@ -7,6 +7,7 @@ imports every family module, which registers its rules.
 
 from local_opt.backends.hooks.rules import (  # noqa: F401
     activation,
+    attention,
     conv,
     diagonal,
     embedding,

@@ -273,7 +273,9 @@ def check_rows(
                             f"{base.uses[i].op}: a sample's input changes other samples' rows "
                             "(the batch is not along dimension 0)"
                         )
-                    changed[i] = changed[i] or bool(diff.any())
+                    # an operand that does not depend on the input (a pooling residual of a
+                    # 1x1 map is 0) cannot show its layout: accepted with one row per sample
+                    changed[i] = changed[i] or bool(diff.any()) or k == 1
             if m > 1 and not all(changed):
                 return "could not check which sample the rows of an op belong to"
     finally:
@@ -325,10 +327,10 @@ class BareRule(Rule):
 
         def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
             inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
-            if not inputs:
+            if not inputs or not torch.is_grad_enabled():  # nothing to capture
                 return
             n = int(inputs[0].shape[0])
-            if torch.is_grad_enabled() and model not in _PROBED:
+            if model not in _PROBED:
                 why = check_rows(model, params, args, kwargs)
                 if why is not None:
                     raise UnaccountedGradient([f"{site.name} ({why})"])
