@@ -371,6 +371,7 @@ class Tied(nn.Module):
         self.a = nn.Linear(4, 4)
         self.b = nn.Linear(4, 4)
         self.b.weight = self.a.weight
+        self.b.bias = self.a.bias  # a shared weight alone is covered; a shared bias is not
 
 
 @pytest.mark.parametrize(

@@ -411,3 +411,47 @@ def test_transformer_encoder_matches_loop(train):
     randomize(model.double()).train(train)
     x, y = sequences()
     check(model, x, y)
+
+
+# ----------------------------------------------------------------------------------------------
+# tied weights: per-sample contributions of every use summed before squaring
+# ----------------------------------------------------------------------------------------------
+
+
+class TiedLM(nn.Module):
+    """nanoGPT's tying: the head is the token embedding's weight; two Linear layers share a
+    weight too (used on different inputs), and two embeddings share theirs."""
+
+    def __init__(self, vocab=11, dim=6):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim, padding_idx=0)
+        self.extra = nn.Embedding(vocab, dim)
+        self.extra.weight = self.wte.weight
+        self.a = nn.Linear(dim, dim)
+        self.b = nn.Linear(dim, dim)
+        self.b.weight = self.a.weight
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, ids):
+        h = self.wte(ids) + 0.5 * self.extra(ids.flip(1))
+        h = h + self.b(torch.tanh(self.a(h)))
+        return self.head(self.ln(h))
+
+
+def lm_loss(out, y):
+    return F.cross_entropy(out.flatten(0, 1), y.flatten())
+
+
+@MODES
+def test_tied_weights_match_loop(train):
+    torch.manual_seed(0)
+    model = randomize(TiedLM().double()).train(train)
+    assert unsupported_layers(model) == []
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 11, (4, 7), generator=g)
+    ids[0, :3] = 5  # a repeated token
+    ids[1, -2:] = 0  # padding
+    y = torch.randint(0, 11, (4, 7), generator=g)
+    check(model, ids, y, loss_fn=lm_loss)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from local_opt.backends.hooks.rules import Site, find_rule
 from local_opt.backends.hooks.rules.bare import BARE_RULE, takes_loose
+from local_opt.backends.hooks.rules.tied import plan_tied
 
 __all__: list[str] = []  # private module
 
@@ -49,11 +50,13 @@ def plan_model(model: nn.Module) -> tuple[list[Site], list[tuple[str, nn.Paramet
     claimed = {  # submodules whose parameters their parent's rule handles (MHA's out_proj)
         id(getattr(m, c)) for _, m in modules for c in getattr(find_rule(m), "claimed_children", ())
     }
+    tied, grouped = plan_tied(modules, owners)  # Linear/Embedding modules sharing a weight
+    sites.extend(tied)
     for mname, module in modules:
         trainable = {
             n: p for n, p in module._parameters.items() if p is not None and p.requires_grad
         }
-        if id(module) in claimed:
+        if id(module) in claimed or id(module) in grouped:
             continue
         for c in getattr(find_rule(module), "claimed_children", ()):
             trainable.update(
