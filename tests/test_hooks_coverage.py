@@ -250,7 +250,10 @@ class RelPosAttention(nn.Module):
 
     def forward(self, x):
         n, t, d = x.shape
-        qkv = self.qkv(x).reshape(n * (t // self.window), self.window, 3 * d)  # windows
+        if self.sdpa:  # windows as extra rows of the batch, before the Linear (as in Swin)
+            qkv = self.qkv(x.reshape(n * (t // self.window), self.window, d))
+        else:
+            qkv = self.qkv(x).reshape(n * (t // self.window), self.window, 3 * d)
         q, k, v = qkv.reshape(qkv.shape[0], self.window, 3, self.heads, -1).unbind(2)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
         bias = self.table[self.index.reshape(-1)].reshape(self.window, self.window, -1)

@@ -40,7 +40,16 @@ from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from local_opt.backends.hooks.rules.base import RULES, LayerStats, Memory, Rule, Site, sq_norms
+from local_opt.backends.hooks.rules.base import (
+    RULES,
+    LayerStats,
+    Memory,
+    Rule,
+    Site,
+    find_rule,
+    sq_norms,
+)
+from local_opt.backends.hooks.rules.linear import FOLDABLE, LinearRule
 
 try:
     from local_opt.backends.hooks.check import UnaccountedGradient
@@ -243,10 +252,27 @@ def check_rows(
     modes = {mod: mod.training for mod in model.modules()}
     saved = {k: b.detach().clone() for k, b in model.named_buffers()}
 
+    linears = [mod for mod in model.modules() if isinstance(find_rule(mod), LinearRule)]
+
     def run(inputs: tuple) -> Trace:
         batch = [t for t in tree_flatten(inputs)[0] if isinstance(t, Tensor)]
-        with BareMode(params, batch, probe=True) as mode:
-            model.forward(*inputs, **small_kw)  # not model(...): no hooks of the model itself
+        mode = BareMode(params, batch, probe=True)
+
+        def record(mod: nn.Module, a: tuple) -> None:  # Linear layers on k·N rows too
+            x = a[0] if a else None
+            if isinstance(x, Tensor) and x.dim() >= 2 and x.shape[0] != m:
+                use = Use(type(mod).__name__, x, None, x.shape[0])
+                use.module = mod  # type: ignore[attr-defined]
+                mode.trace.uses.append(use)
+                mode.trace.outputs.append(x.reshape(x.shape[0], -1).clone())
+
+        handles = [mod.register_forward_pre_hook(record) for mod in linears]
+        try:
+            with mode:
+                model.forward(*inputs, **small_kw)  # not model(...): no hooks of the model itself
+        finally:
+            for h in handles:
+                h.remove()
         return mode.trace
 
     try:
@@ -278,6 +304,9 @@ def check_rows(
                     changed[i] = changed[i] or bool(diff.any()) or k == 1
             if m > 1 and not all(changed):
                 return "could not check which sample the rows of an op belong to"
+            for u in base.uses:  # Linear layers whose k·N input rows are sample-major
+                if getattr(u, "module", None) is not None:
+                    FOLDABLE.add(u.module)  # type: ignore[attr-defined]
     finally:
         for mod, t in modes.items():
             mod.train(t)
