@@ -212,7 +212,7 @@ def probe(entry: Entry, check: bool = False) -> tuple[bool, str, float]:
     if check:
         from local_opt.backends.vmap import vmap_stats
 
-        model = model.double()
+        model = model.double().eval()  # in train mode BatchNorm makes hooks' g_i contributions
         x = x.double() if x.is_floating_point() else x
         a = hooks_grad_stats(model, loss, x, y)
         b = vmap_stats(model, loss, x, y)

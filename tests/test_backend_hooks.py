@@ -381,7 +381,7 @@ class Tied(nn.Module):
         (nn.Sequential(nn.GRU(4, 4)), ["0 (GRU"]),
         (nn.Sequential(nn.Bilinear(4, 4, 4)), ["0 (Bilinear: parameters"]),
         (nn.Sequential(OwnForward(4, 4)), ["0 (OwnForward"]),
-        (nn.Sequential(nn.Conv3d(1, 1, 2)), ["0 (Conv3d"]),
+        (nn.Sequential(nn.RNN(4, 4)), ["0 (RNN"]),
         (nn.Sequential(nn.Embedding(5, 4, max_norm=1.0)), ["0 (Embedding: max_norm"]),
         (Tied(), ["a (Linear: parameter shared", "b (Linear: parameter shared"]),
     ],

@@ -458,3 +458,51 @@ def test_tied_weights_match_loop(train):
     ids[1, -2:] = 0  # padding
     y = torch.randint(0, 11, (4, 7), generator=g)
     check(model, ids, y, loss_fn=lm_loss)
+
+
+# ----------------------------------------------------------------------------------------------
+# Conv3d and transposed convolutions
+# ----------------------------------------------------------------------------------------------
+
+CONVS = {
+    "Conv3d": lambda: nn.Conv3d(4, 6, (2, 3, 3), stride=(1, 2, 1), padding=1, groups=2),
+    "Conv3d(dilation, same, circular)": lambda: nn.Conv3d(
+        4, 4, 3, dilation=(1, 2, 1), padding="same", padding_mode="circular", bias=False
+    ),
+    "ConvTranspose1d": lambda: nn.Sequential(
+        nn.Flatten(2), nn.ConvTranspose1d(4, 6, 3, stride=2, padding=1, output_padding=1)
+    ),
+    "ConvTranspose2d": lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2, dilation=2),
+    "ConvTranspose3d": lambda: nn.ConvTranspose3d(
+        4, 2, (2, 3, 2), stride=(2, 1, 2), padding=(0, 1, 1), output_padding=(1, 0, 1)
+    ),
+}
+
+
+@MODES
+@pytest.mark.parametrize("name", list(CONVS))
+def test_conv_nd_matches_loop(name, train):
+    torch.manual_seed(0)
+    conv = CONVS[name]()
+    volumetric = "3d" in name
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), Unsqueeze(2) if volumetric else nn.Identity(), conv,
+        nn.Flatten(2), Head(conv[-1].out_channels if name.endswith("1d") else conv.out_channels,
+                            dims=(2,)),
+    )
+    randomize(model.double()).train(train)
+    x, y = images(c=3, hw=5)
+    if volumetric:  # a depth of 3: repeat the 2-d features with a shift
+        model[1].depth = 3
+    check(model, x, y)
+
+
+class Unsqueeze(nn.Module):
+    """``(N, C, H, W) -> (N, C, D, H, W)``: ``D`` shifted copies."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.depth = 1
+
+    def forward(self, x):
+        return torch.stack([x.roll(i, -1) for i in range(self.depth)], 2)

@@ -9,6 +9,7 @@ from local_opt.backends.hooks.rules import (  # noqa: F401
     activation,
     attention,
     conv,
+    conv_nd,
     diagonal,
     embedding,
     linear,
