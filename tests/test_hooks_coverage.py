@@ -506,3 +506,44 @@ class Unsqueeze(nn.Module):
 
     def forward(self, x):
         return torch.stack([x.roll(i, -1) for i in range(self.depth)], 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# real models: covered ones stay covered (benchmarks/coverage.py has the full table)
+# ----------------------------------------------------------------------------------------------
+
+TIMM_COVERED = {
+    "mobilenetv3_small_050": ({}, 32),  # timm's Linear
+    "test_convnext": ({}, 32),  # ConvNeXt's gamma, LayerNorm2d
+    "convnextv2_atto": ({}, 32),  # GlobalResponseNorm
+    "test_vit4": ({}, 160),  # RmsNorm
+    "test_efficientnet_gn": ({}, 32),  # GroupNormAct
+    "swin_tiny_patch4_window7_224": (  # relative-position table, Linear on windows
+        dict(img_size=32, patch_size=2, window_size=4, embed_dim=8, depths=(1, 1), num_heads=(1, 2)),
+        32,
+    ),
+}
+
+
+def test_timm_models_stay_covered():
+    timm = pytest.importorskip("timm")
+    from local_opt.backends import resolve
+
+    for name, (kwargs, size) in TIMM_COVERED.items():
+        model = timm.create_model(name, pretrained=False, num_classes=3, **kwargs)
+        assert unsupported_layers(model) == [], name
+        assert resolve("auto", model) == "hooks", name
+        x, y = torch.randn(2, 3, size, size), torch.tensor([0, 2])
+        stats = hooks_grad_stats(model, F.cross_entropy, x, y)  # loose parameters followed too
+        assert stats.sq_norm_sum > 0, name
+
+
+@pytest.mark.parametrize("name", ["test_convnext", "swin_tiny_patch4_window7_224"])
+def test_timm_models_match_loop(name):
+    timm = pytest.importorskip("timm")
+    kwargs, size = TIMM_COVERED[name]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=3, **kwargs).double().eval()
+    randomize(model, 0.02)
+    x, y = torch.randn(2, 3, size, size, dtype=torch.float64), torch.tensor([0, 2])
+    check(model, x, y, capture=False)
