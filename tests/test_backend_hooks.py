@@ -377,8 +377,8 @@ class Tied(nn.Module):
 @pytest.mark.parametrize(
     "model, expected",
     [
-        (nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4)), ["1 (LSTM"]),
-        (nn.Sequential(nn.GRU(4, 4)), ["0 (GRU"]),
+        (nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4, proj_size=2)), ["1 (LSTM: proj_size"]),
+        (nn.Sequential(nn.RNNCell(4, 4)), ["0 (RNNCell"]),
         (nn.Sequential(nn.Bilinear(4, 4, 4)), ["0 (Bilinear: parameters"]),
         (nn.Sequential(OwnForward(4, 4)), ["0 (OwnForward"]),
         (nn.Sequential(nn.RNN(4, 4)), ["0 (RNN"]),
@@ -524,7 +524,7 @@ def test_capture_misuse():
     with pytest.raises(ValueError, match="Invalid grad_scale"):
         StatsCapture(model, grad_scale=0.0)
     with pytest.raises(RuntimeError, match="does not cover"):
-        with StatsCapture(nn.LSTM(2, 2)):
+        with StatsCapture(nn.RNN(2, 2)):
             pass
 
 
@@ -532,7 +532,7 @@ def test_backend_entry_point_without_inner_products():
     torch.manual_seed(0)
     model = ConvNet().double()
     x, y = _data()
-    assert supports(model) and not supports(nn.LSTM(2, 2))
+    assert supports(model) and not supports(nn.RNN(2, 2))
     full = hooks_grad_stats(model, F.cross_entropy, x, y)
     lean = hooks_stats(model, F.cross_entropy, x, y, inner_products=False, chunk_size=None)
     assert rel(flat(lean.grad_sum), flat(full.grad_sum)) <= 1e-12

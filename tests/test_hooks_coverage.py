@@ -547,3 +547,40 @@ def test_timm_models_match_loop(name):
     randomize(model, 0.02)
     x, y = torch.randn(2, 3, size, size, dtype=torch.float64), torch.tensor([0, 2])
     check(model, x, y, capture=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# LSTM / GRU
+# ----------------------------------------------------------------------------------------------
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cell, batch_first=True, **kw):
+        super().__init__()
+        self.batch_first = batch_first
+        self.rnn = cell(8, 5, batch_first=batch_first, **kw)
+        self.head = nn.Linear(5 * (2 if kw.get("bidirectional") else 1), 3)
+
+    def forward(self, x):
+        h = x if self.batch_first else x.transpose(0, 1)
+        out = self.rnn(h)[0]
+        out = out if self.batch_first else out.transpose(0, 1)
+        return self.head(out.mean(1) + out[:, -1])
+
+
+RECURRENT = {
+    "LSTM": lambda: Recurrent(nn.LSTM),
+    "LSTM(2 layers, bidirectional, sequence first)": lambda: Recurrent(
+        nn.LSTM, batch_first=False, num_layers=2, bidirectional=True
+    ),
+    "GRU(2 layers, no bias)": lambda: Recurrent(nn.GRU, num_layers=2, bias=False),
+}
+
+
+@MODES
+@pytest.mark.parametrize("name", list(RECURRENT))
+def test_recurrent_matches_loop(name, train):
+    torch.manual_seed(0)
+    model = randomize(RECURRENT[name]().double()).train(train)
+    x, y = sequences()
+    check(model, x, y)

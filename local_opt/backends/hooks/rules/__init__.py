@@ -14,6 +14,7 @@ from local_opt.backends.hooks.rules import (  # noqa: F401
     embedding,
     linear,
     norm,
+    recurrent,
 )
 from local_opt.backends.hooks.rules.base import (
     Call,
