@@ -174,9 +174,15 @@ def _register_site(site: Site, on_call: Callable[[Tensor, Tensor], None]) -> lis
     def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
         pending[:] = [read_input(args, kwargs)]
 
-    def child_pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def child_pre(module: nn.Module, args: tuple, kwargs: dict) -> Any:
         if pending:  # the child called from its parent's forward, not on its own
-            emit(pending.pop(), input_of(args, kwargs))
+            y = input_of(args, kwargs)
+            emit(pending.pop(), y)
+            if args and y is args[0] and y.requires_grad and y._base is not None:
+                # an in-place op (the activation) on a view (timm's LayerNormAct2d permutes)
+                # would take y's edge out of the graph: the child gets a copy instead
+                return (y.clone(), *args[1:]), kwargs
+        return None
 
     def post(module: nn.Module, args: tuple, output: Any) -> None:
         if pending:  # never silently without this layer's gradient
