@@ -584,3 +584,37 @@ def test_recurrent_matches_loop(name, train):
     model = randomize(RECURRENT[name]().double()).train(train)
     x, y = sequences()
     check(model, x, y)
+
+
+class OffBatch(nn.Module):
+    """Covered layers run off the batch: nanoGPT's position ``nn.Embedding`` on ``arange(T)``,
+    an MLP on relative coordinates making an attention bias, XCiT's projection of one position
+    encoding then repeated per sample."""
+
+    def __init__(self, dim=8, length=5):
+        super().__init__()
+        self.wpe = nn.Embedding(length, dim)
+        self.mlp = nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 1))
+        self.proj = nn.Linear(dim, dim)
+        self.qk = nn.Linear(dim, 2 * dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        pos = torch.arange(t)
+        h = x + self.wpe(pos)
+        enc = torch.sin(pos[None, :, None] / (1.0 + torch.arange(8))).to(x.dtype)
+        h = h + self.proj(enc).repeat(n, 1, 1)
+        rel = (pos[:, None] - pos[None, :]).double().reshape(-1, 1)
+        bias = self.mlp(rel).reshape(t, t)
+        q, k = self.qk(h).chunk(2, -1)
+        att = torch.softmax(q @ k.transpose(1, 2) + bias, -1)
+        return self.head((att @ h).mean(1))
+
+
+@MODES
+def test_layers_run_off_the_batch_match_loop(train):
+    torch.manual_seed(0)
+    model = randomize(OffBatch().double()).train(train)
+    x, y = sequences()
+    check(model, x, y)

@@ -26,6 +26,7 @@ from local_opt.backends.hooks.plan import (
     validate_bare,
 )
 from local_opt.backends.hooks.rules import Call, Site, input_of
+from local_opt.backends.hooks.rules.bare import find_off_batch
 
 __all__ = ["StatsCapture", "hooks_grad_stats", "hooks_stats"]
 
@@ -90,6 +91,8 @@ def hooks_grad_stats(
     args = _split_inputs(inputs)
     n = int(args[0].shape[0])
     sites, bare, missing = plan_model(model)
+    if not missing and find_off_batch(model, args):  # once per model: layers run off the batch
+        sites, bare, missing = plan_model(model)
     if missing:
         raise RuntimeError(
             f"The hooks backend does not cover {', '.join(missing)}; use the vmap or micro-batch backend"

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from local_opt.backends.hooks.rules import Site, find_rule
-from local_opt.backends.hooks.rules.bare import BARE_RULE, takes_loose
+from local_opt.backends.hooks.rules.bare import BARE_RULE, OFF_BATCH, takes_loose
 from local_opt.backends.hooks.rules.tied import plan_tied
 
 __all__: list[str] = []  # private module
@@ -65,6 +65,9 @@ def plan_model(model: nn.Module) -> tuple[list[Site], list[tuple[str, nn.Paramet
         if not trainable:
             continue
         cls = type(module).__name__
+        if module in OFF_BATCH:  # a covered layer run off the batch: its parameters are loose
+            loose.update({f"{mname}.{n}" if mname else n: p for n, p in trainable.items()})
+            continue
         shared = [q for p in trainable.values() for q in owners[id(p)] if len(owners[id(p)]) > 1]
         if shared:
             missing.append(

@@ -75,6 +75,9 @@ for _name in ("add", "sub", "mul", "div", "addcmul", "addcdiv", "true_divide", "
 for _name in ("add", "sub", "mul", "truediv"):
     for _fmt in ("__{}__", "__r{}__", "__i{}__"):
         _ELEMENTWISE.add(getattr(Tensor, _fmt.format(_name)))
+# Reshapes and permutations followed for copies along dimension 0 (:meth:`BareMode._follow_copies`).
+_ROWWISE = {Tensor.reshape, Tensor.view, Tensor.permute, Tensor.transpose, Tensor.flatten,
+            torch.reshape, torch.permute, torch.transpose, torch.flatten}
 _INPLACE = {f for f in _ELEMENTWISE if getattr(f, "__name__", "").endswith("_")
             or getattr(f, "__name__", "").startswith("__i")}
 
@@ -123,6 +126,7 @@ class BareMode(TorchFunctionMode):
         self.probe = probe
         self.on_use = on_use
         self._static: dict[int, weakref.ref] = {}
+        self._copies: dict[int, tuple[weakref.ref, Tensor]] = {}
         self._batch: dict[int, weakref.ref] = {}
         for p in params:
             self._static[id(p)] = weakref.ref(p)
@@ -153,6 +157,18 @@ class BareMode(TorchFunctionMode):
         if not batch:
             out = func(*args, **kwargs)
             tree_map(lambda t: self._mark(self._static, t), out)
+            src = args[0] if args else None
+            if (
+                func in (Tensor.repeat, Tensor.expand)
+                and isinstance(out, Tensor)
+                and isinstance(src, Tensor)
+                and src.dim() == out.dim()
+                and src.shape[0] == 1
+                and out.shape[1:] == src.shape[1:]
+            ):  # copies along dimension 0 (one per sample): a broadcast
+                self._copies[id(out)] = (weakref.ref(out), src)
+            elif func in _ROWWISE and isinstance(out, Tensor) and isinstance(src, Tensor):
+                self._follow_copies(func, args, kwargs, src, out)
             return out
         if self._supported(func, args, kwargs, static):
             out = self._meet(func, args, kwargs, tensors, static)
@@ -163,6 +179,24 @@ class BareMode(TorchFunctionMode):
             out = func(*args, **kwargs)
         tree_map(lambda t: self._mark(self._batch, t), out)
         return out
+
+    def _follow_copies(self, func, args, kwargs, src: Tensor, out: Tensor) -> None:
+        """Keep knowing that ``out`` is copies of one row when a reshape or permutation that
+        keeps dimension 0 is applied to copies (checked on the values)."""
+        copies = self._copies.get(id(src))
+        if copies is None or copies[0]() is not src or out.dim() == 0:
+            return
+        b = src.shape[0]
+        if out.shape[0] != b:
+            return
+        rest = [1 if (i == 0 and a == b) else a for i, a in enumerate(args[1:])]
+        try:
+            row = func(copies[1], *rest, **kwargs)
+        except (RuntimeError, TypeError, IndexError):
+            return
+        if isinstance(row, Tensor) and row.shape[0] == 1 and row.shape[1:] == out.shape[1:]:
+            if torch.equal(row.expand_as(out), out):
+                self._copies[id(out)] = (weakref.ref(out), row)
 
     def _supported(self, func, args, kwargs, static) -> bool:
         if func is F.scaled_dot_product_attention:
@@ -184,7 +218,12 @@ class BareMode(TorchFunctionMode):
         rows = shape[0]
         swap: dict[int, Tensor] = {}
         for s in static:
-            aligned = s.reshape((1,) * (len(shape) - s.dim()) + tuple(s.shape))
+            copies = self._copies.get(id(s))
+            src = copies[1] if copies is not None and copies[0]() is s else None
+            if src is not None and s.dim() == len(shape) and s.shape[0] == shape[0]:
+                aligned = src  # ``s`` is ``src`` repeated along dimension 0
+            else:
+                aligned = s.reshape((1,) * (len(shape) - s.dim()) + tuple(s.shape))
             if aligned.shape[0] != 1:
                 self.trace.unsupported.append(
                     f"{_name(func)} with a tensor of shape {tuple(s.shape)} computed from loose "
@@ -194,7 +233,7 @@ class BareMode(TorchFunctionMode):
             if self.probe:
                 continue
             e = aligned.expand(rows, *aligned.shape[1:])
-            use = Use(_name(func), s, e, rows)
+            use = Use(_name(func), aligned if src is not None else s, e, rows)
             if e.requires_grad:
                 use.edge = get_gradient_edge(e)
                 if self.on_use is not None:
@@ -232,6 +271,67 @@ def _perturbed(x: Tensor, j: int) -> Tensor:
     return y
 
 
+# Covered layers (a rule, trainable parameters) that the probe saw run on tensors without the
+# batch (nanoGPT's ``wpe(arange(T))``, an MLP on relative coordinates): their parameters are
+# loose, followed like the others.
+OFF_BATCH: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_SEEN: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def find_off_batch(model: nn.Module, args: tuple, kwargs: dict | None = None) -> bool:
+    """Once per model: run ``model.forward`` on at most 3 samples (eval mode, no grad, state
+    restored) and add to :data:`OFF_BATCH` the covered layers whose input never derives from the
+    batch and does not have the samples along dimension 0. Returns whether it added any."""
+    if model in _SEEN or not args or not isinstance(args[0], Tensor) or args[0].dim() == 0:
+        return False
+    _SEEN.add(model)
+    kwargs = kwargs or {}
+    n = int(args[0].shape[0])
+    m = min(3, n)
+
+    def head(t: Any) -> Any:
+        return t[:m] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n else t
+
+    small = tuple(tree_map(head, list(args)))
+    small_kw = tree_map(head, kwargs)
+    covered = [
+        mod
+        for mod in model.modules()
+        if find_rule(mod) is not None and any(p.requires_grad for p in mod.parameters())
+    ]
+    if not covered:
+        return False
+    mode = BareMode([], [t for t in tree_flatten((small, small_kw))[0] if isinstance(t, Tensor)])
+    fed: dict[nn.Module, bool] = {}
+
+    def record(mod: nn.Module, a: tuple) -> None:
+        x = a[0] if a else None
+        if isinstance(x, Tensor):
+            on = mode._has(mode._batch, x) or (x.dim() > 0 and x.shape[0] == m)
+            fed[mod] = fed.get(mod, False) or on
+
+    modes = {mod: mod.training for mod in model.modules()}
+    saved = {k: b.detach().clone() for k, b in model.named_buffers()}
+    handles = [mod.register_forward_pre_hook(record) for mod in covered]
+    try:
+        model.eval()
+        with torch.no_grad(), mode:
+            model.forward(*small, **small_kw)
+    except Exception:  # noqa: BLE001 - the pass itself will report what fails
+        return False
+    finally:
+        for h in handles:
+            h.remove()
+        for mod, t in modes.items():
+            mod.train(t)
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                b.copy_(saved[k])
+    off = [mod for mod, on in fed.items() if not on]
+    OFF_BATCH.update(off)
+    return bool(off)
+
+
 def check_rows(
     model: nn.Module, params: Sequence[Tensor], args: tuple, kwargs: dict | None = None
 ) -> str | None:
@@ -252,7 +352,11 @@ def check_rows(
     modes = {mod: mod.training for mod in model.modules()}
     saved = {k: b.detach().clone() for k, b in model.named_buffers()}
 
-    linears = [mod for mod in model.modules() if isinstance(find_rule(mod), LinearRule)]
+    linears = [
+        mod
+        for mod in model.modules()
+        if isinstance(find_rule(mod), LinearRule) and mod not in OFF_BATCH
+    ]
 
     def run(inputs: tuple) -> Trace:
         batch = [t for t in tree_flatten(inputs)[0] if isinstance(t, Tensor)]
