@@ -201,3 +201,48 @@ def all_reduce_sum_(flat: Tensor, process_group: dist.ProcessGroup | None = None
     if is_distributed(process_group):
         dist.all_reduce(flat, group=process_group)
     return flat
+
+
+def all_reduce_sum_packed(
+    tensors: Sequence[Tensor],
+    scalars: Tensor,
+    process_group: dist.ProcessGroup | None = None,
+    scale: float = 1.0,
+) -> tuple[list[Tensor], Tensor]:
+    """:func:`all_reduce_sum` of ``scale`` times the tensors, with the float64 vector ``scalars``
+    summed in the same collective: one all-reduce per ``(device, dtype)`` of the tensors.
+
+    The scalars ride in the float64 buffer when there is one, else in the float32 buffer (summed
+    in float32, which is the precision of those tensors' own sum), else (only half-precision
+    tensors) in a buffer of their own. Returns the summed tensors (views of the flat buffers) and
+    the summed scalars (float64). Without torch.distributed (or with one rank) nothing is copied
+    or communicated.
+    """
+    if not is_distributed(process_group):
+        return list(tensors), scalars
+    index = {id(t): i for i, t in enumerate(tensors)}
+    out: list[Tensor] = list(tensors)
+    groups = _buckets(tensors)
+    dtypes = [g[0].dtype for g in groups]
+    host = next((i for i, d in enumerate(dtypes) if d == torch.float64), None)
+    if host is None:
+        host = next((i for i, d in enumerate(dtypes) if d == torch.float32), None)
+    summed = scalars
+    for i, group in enumerate(groups):
+        parts = [t.detach().reshape(-1) for t in group]
+        if i == host:
+            parts.append(scalars.to(group[0].device, group[0].dtype))
+        flat = torch.cat(parts)
+        if scale != 1.0:
+            flat[: flat.numel() - (scalars.numel() if i == host else 0)].mul_(scale)
+        dist.all_reduce(flat, group=process_group)
+        offset = 0
+        for t in group:
+            out[index[id(t)]] = flat[offset : offset + t.numel()].view_as(t)
+            offset += t.numel()
+        if i == host:
+            summed = flat[offset:].double()
+    if host is None:
+        summed = scalars.clone()
+        dist.all_reduce(summed, group=process_group)
+    return out, summed

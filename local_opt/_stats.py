@@ -87,6 +87,8 @@ class GradStats:
         sum_scale: the factor between ``grad_sum`` and ``Σ_l w_l g_l`` (default: 1.0; may differ
             between ranks), so that a backend can hand over a scaled sum without a copy.
         weight_sum: ``W = Σ_l w_l`` (default: None, meaning ``count``: unit weights).
+        inner_products: False when ``inner_sq_sum`` only returns NaN (the norm test needs no
+            inner products); :func:`pool` then skips its second collective (default: True).
     """
 
     count: int
@@ -96,6 +98,7 @@ class GradStats:
     inner_sq_sum: Callable[[Sequence[Tensor]], Tensor]
     sum_scale: float = 1.0
     weight_sum: float | None = None
+    inner_products: bool = True
 
 
 def reduce_units(
@@ -155,6 +158,7 @@ def reduce_units(
         inner_sq_sum=inner_sq_sum,
         sum_scale=sum_scale,
         weight_sum=None if w is None else float(w.sum()),
+        inner_products=dots is not None,
     )
 
 
@@ -178,9 +182,16 @@ class PooledStats:
 def pool(stats: GradStats, process_group: dist.ProcessGroup | None = None) -> PooledStats:
     r"""Sum one rank's :class:`GradStats` over the group and evaluate ``Q`` at the pooled mean.
 
-    Communication: one all-reduce of the gradient's size (a flat buffer per dtype), then two
-    all-reduces of 3 and 1 float64 scalars. Without torch.distributed (or with one rank) nothing is
-    communicated or copied. The mean :math:`\bar g = c\,T` is never materialized, and
+    Communication: **one** all-reduce of the gradient's size (a flat buffer per dtype) that also
+    carries the scalars ``K``, ``W`` and :math:`S_2` (in the float64 buffer, else the float32 one:
+    :func:`~local_opt._comm.all_reduce_sum_packed`); the inner-product tests add a second
+    all-reduce of one float64 scalar, :math:`Q` at the pooled mean, which only that first
+    collective makes known. Statistics built without inner products (``inner_products=False``)
+    skip it. Without torch.distributed (or with one rank) nothing is communicated or copied.
+    The host waits for the device twice (three times with inner products), never once per
+    parameter tensor.
+
+    The mean :math:`\bar g = c\,T` is never materialized, and
     :math:`\lVert\bar g\rVert^2 = c^2\lVert T\rVert^2`, :math:`Q(\bar g) = c^2 Q(T)` (``Q`` is
     quadratic in its argument). On one rank :math:`T` is ``grad_sum`` itself and
     :math:`c` = ``sum_scale / W``; over several, :math:`T` is the all-reduced sum of each rank's
@@ -191,35 +202,33 @@ def pool(stats: GradStats, process_group: dist.ProcessGroup | None = None) -> Po
     grads = [g.detach() for g in stats.grad_sum]
     device = grads[0].device
     weight = float(stats.count) if stats.weight_sum is None else float(stats.weight_sum)
-    scalars = torch.stack(
-        [
-            torch.tensor(float(stats.count), dtype=torch.float64),
-            torch.tensor(weight, dtype=torch.float64),
-            stats.sq_norm_sum.detach().double().cpu().reshape(()),
-        ]
-    ).to(device)
-    if _comm.is_distributed(process_group):  # scaled in the flat copy, before the sum
-        total, scale = _comm.all_reduce_sum(grads, process_group, stats.sum_scale), 1.0
-    else:  # no copy: the scale stays a factor
-        total, scale = grads, stats.sum_scale
-    _comm.all_reduce_sum_(scalars, process_group)
-    n = int(round(scalars[0].item()))
-    w = float(scalars[1])
+    sq = stats.sq_norm_sum.detach().double().reshape(1)
+    scalars = torch.cat([torch.tensor([float(stats.count), weight], dtype=torch.float64).to(sq), sq])
+    distributed = _comm.is_distributed(process_group)
+    scale = 1.0 if distributed else stats.sum_scale  # scaled in the flat copy, before the sum
+    total, summed = _comm.all_reduce_sum_packed(grads, scalars, process_group, stats.sum_scale)
+    n_f, w, sq_sum = summed.tolist()  # host sync 1
+    n = int(round(n_f))
     c = scale / w if w > 0 else scale
     if any(t.dtype == torch.float16 for t in total):  # c·T could fit where T does not
         total, c = torch._foreach_mul(total, c), 1.0
-    # per-tensor norms (one fused kernel), squared and summed in float64
-    mean_sq_norm = c * c * math.fsum(float(x) ** 2 for x in torch._foreach_norm(total))
-    q = stats.inner_sq_sum(total).double().reshape(1).to(device) * (c * c)
-    _comm.all_reduce_sum_(q, process_group)
+    # per-tensor norms (one fused kernel), squared and summed in float64: host sync 2
+    norms = torch.stack([x.double() for x in torch._foreach_norm(total)])
+    mean_sq_norm = c * c * float(norms.square().sum())
+    if stats.inner_products:
+        q = stats.inner_sq_sum(total).double().reshape(1).to(device) * (c * c)
+        _comm.all_reduce_sum_(q, process_group)
+        inner_sq = float(q[0])  # host sync 3
+    else:
+        inner_sq = math.nan
     return PooledStats(
         count=n,
         unit_size=stats.unit_size,
         world_size=world,
         mean_sq_norm=mean_sq_norm,
-        sq_norm_sum=float(scalars[2]),
+        sq_norm_sum=sq_sum,
         inner_sum=w * mean_sq_norm,
-        inner_sq_sum=float(q[0]),
+        inner_sq_sum=inner_sq,
         weight_sum=w,
     )
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from local_opt import _comm, _stats, backends
 from local_opt._validate import is_int
+from local_opt.backends.hooks import StatsCapture
 from local_opt.backends.microbatch import stats_from_micro_batch_grads
 from local_opt.backends.recorder import MicroBatchRecorder, Workspace
 
@@ -102,8 +103,10 @@ class VarianceTest:
       statistics — whose mean is exactly the batch gradient (this differs from ``"vmap"``'s
       Jacobian rows, which split the gradient by loss term instead). Details in
       :mod:`local_opt.backends.hooks`.
-    * ``"auto"`` — ``"hooks"`` when it covers every parameter of the model, else ``"vmap"``,
-      with a one-time warning naming the layer it lacks.
+    * ``"auto"`` — ``"hooks"`` when it covers every parameter of the model, else ``"vmap"`` or
+      ``"microbatch"`` by estimated cost and memory, with one warning naming the layer and the
+      choice (:mod:`local_opt.backends`). Every backend runs on the inner module of DDP and
+      ``torch.compile`` wrappers, with gradients enabled (:mod:`local_opt.backends.stack`).
 
     ``suggest`` leaves the model as it found it: parameters, buffers (BatchNorm running
     statistics), ``.grad``, train/eval mode and ``requires_grad`` flags. Only parameters with
@@ -260,8 +263,8 @@ class VarianceTest:
         skipped = self._skip(batch_size)
         if skipped is not None:
             return skipped
-        backend = backends.resolve(self.backend, self.model)
-        stats = backends.get(backend)(
+        backend, stats = backends.compute(
+            self.backend,
             self.model,
             self.loss_fn,
             inputs,
@@ -393,6 +396,28 @@ class VarianceTest:
         if skipped is not None:
             return skipped
         return self._decide(stats, batch_size, "microbatch_recorded")
+
+    def suggest_from_capture(self, capture: StatsCapture, batch_size: int) -> int:
+        """Like :meth:`suggest`, from the exact statistics a :class:`~local_opt.StatsCapture`
+        took from the training step's own forward and backward (no extra pass).
+
+        A collective call, like :meth:`suggest`. As with :meth:`suggest_from_recorded`, the
+        statistics are those of each rank's parameters before the round's averaging.
+
+        Args:
+            capture (StatsCapture): after its ``with`` block and the ``backward()`` inside it.
+            batch_size (int): the current per-worker batch size :math:`b`.
+        """
+        batch_size = _check_batch_size(batch_size)
+        if not isinstance(capture, StatsCapture):
+            raise TypeError(
+                f"Invalid capture: expected a StatsCapture, got {type(capture).__name__}"
+            )
+        stats = capture.grad_stats()  # validates; cheap
+        skipped = self._skip(batch_size)
+        if skipped is not None:
+            return skipped
+        return self._decide(stats, batch_size, "hooks_capture")
 
     def _skip(self, batch_size: int) -> int | None:
         """Count the call; on a round without test, the last suggestion (else None)."""

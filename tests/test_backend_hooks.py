@@ -494,6 +494,29 @@ def test_capture_matches_vmap_and_keeps_training_gradients(scale):
     assert rel(stats.inner_sq_sum(v), ref_q) <= 1e-10
 
 
+@pytest.mark.parametrize("test", ["norm", "augmented"])
+def test_suggest_from_capture_equals_suggest(test):
+    from local_opt import StatsCapture as PublicStatsCapture
+    from local_opt import VarianceTest
+
+    assert PublicStatsCapture is StatsCapture
+    torch.manual_seed(0)
+    model = TinyTransformer().double()
+    ids = torch.randint(1, 11, (5, 7))
+    y = torch.randint(0, 3, (5,))
+    ref = VarianceTest(model, F.cross_entropy, test=test, backend="hooks", max_batch_size=10**6)
+    b_ref = ref.suggest(ids, y, 5)
+    with StatsCapture(model, grad_scale=0.5) as cap:
+        (F.cross_entropy(model(ids), y) * 0.5).backward()
+    vt = VarianceTest(model, F.cross_entropy, test=test, max_batch_size=10**6)
+    assert vt.suggest_from_capture(cap, 5) == b_ref
+    assert vt.last_stats["backend"] == "hooks_capture"
+    for key in ("mean_sq_norm", "sq_norm_sum", "raw"):
+        assert vt.last_stats[key] == pytest.approx(ref.last_stats[key], rel=1e-10), key
+    with pytest.raises(TypeError, match="Invalid capture"):
+        vt.suggest_from_capture(object(), 5)
+
+
 def test_capture_batchnorm_train_equals_separate_pass():
     torch.manual_seed(0)
     model = BNNet().double().train()
@@ -611,3 +634,178 @@ def test_batchnorm_act_that_skips_its_drop_is_an_error():
     x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="expected 1 .*to call its Identity"):
         hooks_grad_stats(net.eval(), F.cross_entropy, x, torch.tensor([0, 1, 2]))
+
+
+# ----------------------------------------------------------------------------------------------
+# accounting: a gradient the hooks did not see is detected, never counted as zero
+# ----------------------------------------------------------------------------------------------
+
+
+class TiedHead(nn.Module):
+    """A covered Linear whose weight is used a second time outside its forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(F.linear(torch.tanh(self.fc(x)), self.fc.weight)))
+
+
+class TwiceLinear(nn.Module):
+    """One Linear called twice: two calls of one site, both seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(self.fc(torch.tanh(self.fc(x))))
+
+
+def _accounting_data(shape):
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(*shape, generator=gen, dtype=torch.float64), torch.randint(
+        0, 3, (shape[0],), generator=gen
+    )
+
+
+@pytest.mark.parametrize(
+    "make, shape, names",
+    [
+        (TiedHead, (6, 5), ["fc.weight"]),
+    ],
+)
+def test_unseen_gradient_is_detected_and_handled_exactly(make, shape, names):
+    from local_opt import VarianceTest
+    from local_opt.backends.hooks.check import UnaccountedGradient
+
+    torch.manual_seed(0)
+    model = make().double()
+    x, y = _accounting_data(shape)
+    assert supports(model)  # the plan alone cannot tell
+    with pytest.raises(UnaccountedGradient) as err:
+        hooks_grad_stats(model, F.cross_entropy, x, y)
+    assert err.value.names == names
+    with pytest.raises(UnaccountedGradient, match=names[0]):  # and from the training step
+        with StatsCapture(model) as cap:
+            F.cross_entropy(model(x), y).backward()
+        cap.grad_stats()
+    model.zero_grad(set_to_none=True)
+    ref = pool(vmap_stats_of(model, x, y))
+    vt = VarianceTest(model, F.cross_entropy, test="augmented")
+    with pytest.warns(RuntimeWarning, match=names[0]):
+        vt.suggest(x, y, 4)
+    for key in ("mean_sq_norm", "sq_norm_sum", "inner_sq_sum"):
+        assert vt.last_stats[key] == pytest.approx(getattr(ref, key), rel=1e-10), key
+    assert not supports(model) and names[0] in unsupported_layers(model)[0]
+
+
+def vmap_stats_of(model, x, y):
+    from local_opt.backends.vmap import vmap_stats
+
+    return vmap_stats(model, F.cross_entropy, x, y)
+
+
+@pytest.mark.parametrize("mutation", ["drop_call", "zero_bias"])
+def test_mutation_dropped_contribution_is_detected(monkeypatch, mutation):
+    """Mutation test: a rule that loses part of a layer's gradient must trip the check."""
+    from local_opt.backends.hooks.check import UnaccountedGradient
+    from local_opt.backends.hooks.rules.linear import LinearRule
+
+    torch.manual_seed(0)
+    model = TwiceLinear().double()
+    x, y = _accounting_data((6, 5))
+    per_sample = vmap_per_sample(model, F.cross_entropy, x, y)
+    check_against(model, F.cross_entropy, x, y, per_sample, 1e-10)  # unmutated: exact
+    if mutation == "drop_call":
+        finish = LinearRule.finish
+
+        def dropping(self, site, n, memory):
+            site.calls = site.calls[:1]  # forget the second call of the shared Linear
+            return finish(self, site, n, memory)
+
+        monkeypatch.setattr(LinearRule, "finish", dropping)
+    else:
+        zeros = lambda self, d: d.new_zeros(d.shape[0], d.shape[-1])  # noqa: E731
+        monkeypatch.setattr(LinearRule, "bias_grads", zeros)
+    fresh = TwiceLinear().double()  # not yet checked
+    with pytest.raises(UnaccountedGradient, match="fc"):
+        hooks_grad_stats(fresh, F.cross_entropy, x, y)
+    with pytest.raises(UnaccountedGradient, match="fc"):
+        with StatsCapture(fresh) as cap:
+            F.cross_entropy(fresh(x), y).backward()
+        cap.grad_stats()
+
+
+# ----------------------------------------------------------------------------------------------
+# "auto" when the hooks backend cannot cover a model: vmap or microbatch by cost and memory
+# ----------------------------------------------------------------------------------------------
+
+
+class OwnConv3d(nn.Conv3d):
+    """A Conv3d subclass with its own forward: no hooks rule."""
+
+    def forward(self, x):
+        return super().forward(x)
+
+
+class Conv3dBN(nn.Module):
+    """A Conv3d (no hooks rule) and, optionally, a BatchNorm1d in training mode."""
+
+    def __init__(self, bn: bool):
+        super().__init__()
+        self.conv3d = OwnConv3d(1, 2, 2)
+        self.bn = nn.BatchNorm1d(2) if bn else nn.Identity()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv3d(x).mean((2, 3, 4))))
+
+
+def _policy_run(model, b, **kw):
+    import warnings
+
+    from local_opt import VarianceTest
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, 1, 3, 3, 3, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 2, (b,), generator=gen)
+    vt = VarianceTest(model, F.cross_entropy, max_batch_size=10**6, **kw)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        vt.suggest(x, y, b)
+    return vt.last_stats["backend"], [str(m.message) for m in w if "auto" in str(m.message)]
+
+
+@pytest.mark.parametrize(
+    "bn, b, budget, choice, says",
+    [
+        (False, 16, None, "vmap", "exact"),
+        (True, 4, None, "vmap", "O(b^2)"),  # cheap enough at b=4, and the warning says so
+        (True, 16, None, "microbatch", "O(b^2)"),  # ~16 passes: the estimate instead
+        (False, 16, 1000, "microbatch", "MiB of per-sample gradients"),  # over the memory budget
+    ],
+)
+def test_auto_fallback_policy(monkeypatch, bn, b, budget, choice, says):
+    from local_opt import backends
+
+    if budget is not None:
+        monkeypatch.setattr(backends, "MEMORY_BUDGET", budget)
+    torch.manual_seed(0)
+    model = Conv3dBN(bn).double().train()
+    backend, warned = _policy_run(model, b)
+    assert backend == choice
+    assert len(warned) == 1 and "conv3d" in warned[0] and repr(choice) in warned[0]
+    assert says in warned[0]
+    again, warned = _policy_run(model, b)  # one warning per model and choice
+    assert again == choice and warned == []
+
+
+def test_unseen_gradient_fallback_says_when_it_is_the_quadratic_path():
+    model = nn.Sequential(TiedHead(), nn.BatchNorm1d(3)).double().train()
+    x, y = _accounting_data((6, 5))
+    with pytest.warns(RuntimeWarning, match=r"0\.fc\.weight.*O\(b\^2\)"):
+        hooks_stats(model, F.cross_entropy, x, y)

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from local_opt._stats import GradStats, reduce_units
+from local_opt.backends.stack import plain_checkpoints
 
 __all__: list[str] = []  # private module
 
@@ -128,7 +129,7 @@ def micro_batch_grads(
     params = [p for p in model.parameters() if p.requires_grad]
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     grads: list[list[Tensor]] = []
-    with torch.enable_grad():
+    with torch.enable_grad(), plain_checkpoints(non_reentrant=False):
         for u in range(k):
             sl = slice(u * m, (u + 1) * m)
             # Buffers are clones: BatchNorm running statistics of the model do not move.

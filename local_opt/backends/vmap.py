@@ -54,6 +54,7 @@ from torch.func import functional_call, grad, vjp, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from local_opt._stats import GradStats, reduce_units
+from local_opt.backends.stack import plain_checkpoints
 
 __all__: list[str] = []  # private module
 
@@ -278,5 +279,14 @@ def vmap_stats(
         inner_products: compute :math:`\sum_i\langle g_i, v\rangle^2` (False: return NaN for it).
         store_bytes: memory budget for keeping the per-sample gradients between the two passes.
     """
-    chunks = per_sample_chunks(model, loss_fn, inputs, targets, chunk_size)
-    return stats_from_chunks(chunks, inner_products=inner_products, store_bytes=store_bytes)
+    # torch.func supports neither checkpoints nor autocast's mixed-dtype backward: the pass runs
+    # without them (float32 statistics; see local_opt.backends.stack).
+    device = inputs.device.type if isinstance(inputs, Tensor) else "cpu"
+    with plain_checkpoints(), torch.autocast(device, enabled=False):
+        chunks = per_sample_chunks(model, loss_fn, inputs, targets, chunk_size)
+
+    def chunks_plain() -> Iterator[list[Tensor]]:
+        with plain_checkpoints(), torch.autocast(device, enabled=False):
+            yield from chunks()
+
+    return stats_from_chunks(chunks_plain, inner_products=inner_products, store_bytes=store_bytes)

@@ -47,8 +47,9 @@ directly. That this substitution leaves the model's output unchanged is checked 
 backward instead of a separate pass. :func:`unsupported_layers` names what is not covered (the
 ``"auto"`` backend choice falls back to vmap or micro-batches for such models).
 
-Assumptions: ``loss_fn`` is mean-reduced over the batch; a covered module's parameters are used
-only through that module's ``forward``; a parameter is not shared between two modules.
+Assumptions: ``loss_fn`` is mean-reduced over the batch; a parameter is not registered in two
+modules (reported by :func:`unsupported_layers`). A covered parameter that also gets gradient
+outside its module's ``forward`` is detected, never counted as zero (:mod:`.check`).
 """
 
 from local_opt.backends.hooks.assemble import release_workspaces

@@ -127,8 +127,6 @@ def assemble(
     def dots(v: Sequence[Tensor]) -> Tensor:
         if len(v) != len(params):
             raise ValueError(f"Invalid v: {len(v)} tensors for {len(params)} parameters")
-        if not inner_products:
-            return torch.full((n,), float("nan"), dtype=torch.float64)
         by_site: list[dict[str, Tensor]] = [{} for _ in layers]
         ip = torch.zeros(n, dtype=torch.float64, device=sq.device)
         for p, vp in zip(params, v):
@@ -146,5 +144,8 @@ def assemble(
     if workspaces:  # back to the cache when the statistics (which hold ``dots``) are released
         weakref.finalize(dots, _give_back, workspaces)
     return reduce_units(
-        [sums[id(p)].detach() for p in params], sq * scale**2, dots, sum_scale=scale
+        [sums[id(p)].detach() for p in params],
+        sq * scale**2,
+        dots if inner_products else None,
+        sum_scale=scale,
     )

@@ -18,6 +18,15 @@ from torch.autograd.graph import get_gradient_edge
 
 from local_opt._stats import GradStats
 from local_opt.backends.hooks.assemble import assemble
+from local_opt.backends.hooks.check import (
+    UNCOVERED,
+    GradFingerprints,
+    UnaccountedGradient,
+    mark_checked,
+    needs_check,
+    unaccounted,
+    warn_unaccounted,
+)
 from local_opt.backends.hooks.plan import (
     _VALIDATED,
     expand_bare,
@@ -27,6 +36,8 @@ from local_opt.backends.hooks.plan import (
 )
 from local_opt.backends.hooks.rules import Call, Site, input_of
 from local_opt.backends.hooks.rules.bare import find_off_batch
+from local_opt.backends.stack import in_backward, plain_checkpoints
+from local_opt.backends.vmap import vmap_stats
 
 __all__ = ["StatsCapture", "hooks_grad_stats", "hooks_stats"]
 
@@ -35,6 +46,7 @@ Inputs = Union[Tensor, Sequence[Tensor]]
 # Default memory for per-sample gradients kept between the pass and ``inner_sq_sum``.
 DEFAULT_KEEP_BYTES = 2**30
 _MODES = ("auto", "ghost", "keep", "stream")
+_LOW = (torch.float16, torch.bfloat16)
 
 
 def _split_inputs(inputs: Inputs) -> tuple[Tensor, ...]:
@@ -52,6 +64,7 @@ def hooks_grad_stats(
     keep_bytes: int = DEFAULT_KEEP_BYTES,
     mode: str = "auto",
     inner_products: bool = True,
+    check: bool = True,
 ) -> GradStats:
     r"""Exact per-sample gradient statistics of one batch from one forward and one backward pass.
 
@@ -74,6 +87,11 @@ def hooks_grad_stats(
         inner_products (bool): whether ``inner_sq_sum`` will be called; without it nothing is
             kept for it and it returns NaN (the norm test needs no inner products)
             (default: ``True``).
+        check (bool): verify that the per-sample contributions the hooks saw add up to the
+            batch gradient of every covered parameter (:func:`~.check.unaccounted`); the first
+            pass per model and module modes pays one weight-gradient matmul per layer for it.
+            A parameter that receives gradient through a path the hooks did not see raises
+            :class:`~.check.UnaccountedGradient` (default: ``True``).
 
     Returns:
         GradStats: with ``unit_size=1`` and ``grad_sum`` in the order of the model's trainable
@@ -98,7 +116,9 @@ def hooks_grad_stats(
             f"The hooks backend does not cover {', '.join(missing)}; use the vmap or micro-batch backend"
         )
     params = [p for p in model.parameters() if p.requires_grad]
-    with _capture(model, sites):
+    checked = [p for s in sites for p in s.params.values()]
+    verify = check and needs_check(model, checked)
+    with _capture(model, sites), torch.enable_grad(), plain_checkpoints(non_reentrant=False):
         saved = {k: b.detach().clone() for k, b in model.named_buffers()}
         try:
             expanded = {q: expand_bare(p, n) for q, p in bare}
@@ -116,11 +136,9 @@ def hooks_grad_stats(
                     f"Invalid loss_fn: returned shape {tuple(loss.shape)}, not a scalar"
                 )
             edges: list[Any] = [c.edge for s in sites for c in s.calls]
+            wanted = edges + list(expanded.values()) + (checked if verify else [])
             grads = torch.autograd.grad(
-                loss,
-                edges + list(expanded.values()),
-                grad_outputs=torch.full_like(loss, float(n)),
-                allow_unused=True,
+                loss, wanted, grad_outputs=torch.full_like(loss, float(n)), allow_unused=True
             )
         finally:
             with torch.no_grad():
@@ -129,7 +147,22 @@ def hooks_grad_stats(
                         b.copy_(saved[k])
     if not inner_products:
         keep_bytes = 0
-    return assemble(params, sites, bare, expanded, grads, n, keep_bytes, mode, inner_products)
+    low = any(g is not None and g.dtype in _LOW for g in grads) or any(
+        c.inputs.dtype in _LOW for s in sites for c in s.calls
+    )
+    reference = list(grads[len(grads) - len(checked) :]) if verify else []
+    nsite = len(grads) - len(reference)
+    stats = assemble(
+        params, sites, bare, expanded, grads[:nsite], n, keep_bytes, mode, inner_products
+    )
+    if verify:
+        sums = dict(zip(map(id, params), stats.grad_sum))
+        got = [sums[id(p)] for p in checked]
+        bad = unaccounted(model, checked, got, reference, low)
+        if bad:
+            raise UnaccountedGradient(bad)
+        mark_checked(model, checked)
+    return stats
 
 
 def hooks_stats(
@@ -142,14 +175,27 @@ def hooks_stats(
     **options: Any,
 ) -> GradStats:
     """:func:`hooks_grad_stats` with the backend signature of ``VarianceTest`` (other options,
-    such as ``chunk_size`` or ``micro_batches``, do not apply and are ignored)."""
-    return hooks_grad_stats(model, loss_fn, inputs, targets, inner_products=inner_products)
+    such as ``chunk_size`` or ``micro_batches``, do not apply and are ignored).
+
+    Never silently wrong: when a parameter receives gradient through a path the hooks did not
+    see (:class:`~.check.UnaccountedGradient`), this warns once per model, naming the
+    parameters, and returns the exact statistics of the ``"vmap"`` backend instead; the model
+    is then no longer :func:`~.plan.supports`-ed, so ``"auto"`` chooses for it directly.
+    """
+    if model not in UNCOVERED:
+        try:
+            return hooks_grad_stats(model, loss_fn, inputs, targets, inner_products=inner_products)
+        except UnaccountedGradient as e:
+            warn_unaccounted(model, e)
+    return vmap_stats(model, loss_fn, inputs, targets, inner_products=inner_products, **options)
 
 
 def _register_site(site: Site, on_call: Callable[[Tensor, Tensor], None]) -> list[Any]:
     """Forward hooks calling ``on_call(x, y)`` once per forward of ``site.module``: ``x`` its
     input (detached), ``y`` the output the rule differentiates — the module's output, or the
-    input of the rule's :meth:`~Rule.output_child` — before any in-place op can change ``y``."""
+    input of the rule's :meth:`~Rule.output_child` — before any in-place op can change ``y``.
+    Forwards run by autograd during a backward (a checkpoint's recomputation) are ignored: the
+    gradient flows through the graph of the first forward."""
 
     def read_input(args: tuple, kwargs: dict) -> Tensor:
         x = input_of(args, kwargs)
@@ -168,14 +214,15 @@ def _register_site(site: Site, on_call: Callable[[Tensor, Tensor], None]) -> lis
     if child is None:
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if isinstance(output, Tensor) and output.requires_grad:
+            if isinstance(output, Tensor) and output.requires_grad and not in_backward():
                 on_call(read_input(args, kwargs), output)
 
         return [site.module.register_forward_hook(hook, with_kwargs=True)]
     pending: list[Tensor] = []
 
     def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        pending[:] = [read_input(args, kwargs)]
+        if not in_backward():
+            pending[:] = [read_input(args, kwargs)]
 
     def child_pre(module: nn.Module, args: tuple, kwargs: dict) -> Any:
         if pending:  # the child called from its parent's forward, not on its own
@@ -220,13 +267,24 @@ def _capture(model: nn.Module, sites: list[Site]):
 class StatsCapture:
     r"""Per-sample gradient statistics from the training step's own forward and backward.
 
-    Instead of the separate pass of :func:`hooks_grad_stats`, the hooks ride on the step that
-    precedes a synchronization: the extra cost is only the per-layer norms, sums and inner
-    products. The model's ``.grad`` is accumulated by ``backward()`` as usual; BatchNorm running
-    statistics are updated by the forward as usual.
+    The exact statistics of the ``"hooks"`` backend (per-sample squared norms
+    :math:`\lVert g_i\rVert^2` and, later, inner products :math:`\langle g_i, \bar g\rangle`;
+    `Lau et al., 2024 <https://arxiv.org/abs/2406.13936>`_) without the separate pass of
+    :func:`hooks_grad_stats`: the hooks ride on the training step that precedes a
+    synchronization, so the extra cost is only the per-layer norms, sums and inner products.
+    The model's ``.grad`` is accumulated by ``backward()`` as usual; BatchNorm running statistics
+    are updated by the forward as usual. Hand the result to
+    :meth:`local_opt.VarianceTest.suggest_from_capture`, which pools it over the ranks and
+    applies the test.
+
+    Never silently wrong: a hook on each covered parameter reads two numbers of the gradient the
+    backward computes, and :meth:`grad_stats` raises
+    :class:`~local_opt.backends.hooks.check.UnaccountedGradient` naming the parameters whose
+    gradient the layer hooks did not fully see (see :mod:`local_opt.backends.hooks.check`).
 
     Args:
-        model (nn.Module): the model; :func:`unsupported_layers` must be empty.
+        model (nn.Module): the module whose forward the step calls, or the inner module of a
+            DDP wrapper (``ddp.module``); :func:`unsupported_layers` must be empty.
         grad_scale (float): the factor the mean batch loss was multiplied by before
             ``backward()`` (e.g. ``1 / K`` when accumulating ``K`` micro-batches, or a loss
             scaler's scale) (default: 1.0).
@@ -236,14 +294,18 @@ class StatsCapture:
     .. warning::
         Exactly one forward and one backward of ``model`` may run inside the ``with`` block,
         and the backward must be of ``grad_scale`` times the *mean* loss of that batch.
+        Non-reentrant activation checkpointing is fine (the recomputation is ignored); a
+        reentrant checkpoint hides its layers' gradients from the hooks, which the check above
+        reports. A ``torch.compile``'d forward is not supported (the hooks must run eagerly).
 
     Example::
 
         >>> with StatsCapture(model) as cap:
         ...     loss = F.cross_entropy(model(x), y)
         ...     loss.backward()
-        >>> stats = cap.grad_stats()
         >>> opt.step()
+        >>> if opt.synced:
+        ...     sampler.set_batch_size(vt.suggest_from_capture(cap, sampler.batch_size))
     """
 
     def __init__(
@@ -272,6 +334,8 @@ class StatsCapture:
         self._bare_grads: dict[str, Tensor] = {}
         self._swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
         self._validating = False
+        self._checked: list[nn.Parameter] = []
+        self._fingerprints: GradFingerprints | None = None
 
     def __enter__(self) -> StatsCapture:
         sites, bare, missing = plan_model(self.model)
@@ -281,6 +345,8 @@ class StatsCapture:
                 "micro-batch backend"
             )
         self._sites, self._bare, self._forwards, self._bare_grads = sites, bare, 0, {}
+        self._checked = [p for s in sites for p in s.params.values()]
+        self._fingerprints = GradFingerprints(self._checked)
         for s in sites:
             self._handles.extend(_register_site(s, self._on_call(s)))
         self._handles.append(
@@ -291,6 +357,8 @@ class StatsCapture:
 
     def __exit__(self, *exc: Any) -> None:
         self._restore()
+        if self._fingerprints is not None:
+            self._fingerprints.remove()
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -342,7 +410,11 @@ class StatsCapture:
         self._swapped = []
 
     def grad_stats(self) -> GradStats:
-        """The statistics of the captured step (call after ``backward()``)."""
+        """The statistics of the captured step (call after ``backward()``).
+
+        Raises :class:`~local_opt.backends.hooks.check.UnaccountedGradient` (a RuntimeError)
+        naming the parameters when the contributions the hooks saw do not add up to the
+        gradient the backward computed (see :mod:`~local_opt.backends.hooks.check`)."""
         if self._forwards != 1:
             raise RuntimeError(f"StatsCapture saw {self._forwards} forward passes, expected 1")
         calls = [c for s in self._sites for c in s.calls]
@@ -353,10 +425,20 @@ class StatsCapture:
         params = [p for p in self.model.parameters() if p.requires_grad]
         expanded = {q: p for q, p in self._bare}
         c = n / self.grad_scale  # the captured δ are grad_scale·∂L/∂out; the core wants N·∂L/∂out
+        low = any(
+            x is not None and x.dtype in _LOW for c_ in calls for x in (c_.inputs, c_.delta)
+        )
         stats = assemble(
             params, self._sites, self._bare, expanded, grads, n, self.keep_bytes, self.mode,
             scale=c,
         )
         for s in self._sites:
             s.calls = []
+        if self._fingerprints is not None:
+            sums = dict(zip(map(id, params), stats.grad_sum))
+            bad = self._fingerprints.unaccounted(
+                self.model, [sums[id(p)] for p in self._checked], low
+            )
+            if bad:
+                raise UnaccountedGradient(bad)
         return stats

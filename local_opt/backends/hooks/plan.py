@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from local_opt.backends.hooks.check import UNCOVERED
 from local_opt.backends.hooks.rules import Site, find_rule
 from local_opt.backends.hooks.rules.bare import BARE_RULE, OFF_BATCH, takes_loose
 from local_opt.backends.hooks.rules.tied import plan_tied
@@ -94,6 +95,8 @@ def plan_model(model: nn.Module) -> tuple[list[Site], list[tuple[str, nn.Paramet
                 bare.append((f"{mname}.{n}" if mname else n, p))
     if loose:
         sites.append(Site("<loose parameters>", model, BARE_RULE, loose))
+    if model in UNCOVERED:
+        missing.append(f"{', '.join(UNCOVERED[model])} (gradient through a path the hooks missed)")
     return sites, bare, missing
 
 

@@ -39,6 +39,7 @@ from local_opt.backends.hooks.rules.affine import (
     _stream_norms,
 )
 from local_opt.backends.hooks.rules.base import LayerStats, Memory, Rule, Site, register, sq_norms
+from local_opt.backends.stack import in_backward
 
 __all__: list[str] = []  # private module
 
@@ -102,7 +103,7 @@ class MultiheadAttentionRule(Rule):
             return _forward(emit, **a)
 
         def pre(mod: nn.Module, args: tuple) -> None:
-            if torch.is_grad_enabled():
+            if torch.is_grad_enabled() and not in_backward():
                 mode = _Intercept(module, handler)
                 mode.__enter__()
                 state["mode"] = mode

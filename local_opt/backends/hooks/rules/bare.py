@@ -40,6 +40,7 @@ from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from local_opt.backends.hooks.check import UnaccountedGradient
 from local_opt.backends.hooks.rules.base import (
     RULES,
     LayerStats,
@@ -50,16 +51,7 @@ from local_opt.backends.hooks.rules.base import (
     sq_norms,
 )
 from local_opt.backends.hooks.rules.linear import FOLDABLE, LinearRule
-
-try:
-    from local_opt.backends.hooks.check import UnaccountedGradient
-except ImportError:  # pragma: no cover - until the accounting check is merged
-
-    class UnaccountedGradient(RuntimeError):  # type: ignore[no-redef]
-        def __init__(self, names: Sequence[str]) -> None:
-            self.names = list(names)
-            super().__init__(f"The hooks backend did not see every use of {', '.join(names)}")
-
+from local_opt.backends.stack import in_backward
 
 __all__: list[str] = []  # private module
 
@@ -127,11 +119,23 @@ class BareMode(TorchFunctionMode):
         self.on_use = on_use
         self._static: dict[int, weakref.ref] = {}
         self._copies: dict[int, tuple[weakref.ref, Tensor]] = {}
+        # Each parameter enters the graph through a view of it made on its first use: per-sample
+        # gradients are pulled back to that view, so hooks on the parameter itself (a training
+        # step's own, or the accounting check's) never see them.
+        self._roots = {id(p) for p in params}
+        self.aliases: dict[int, Tensor] = {}
         self._batch: dict[int, weakref.ref] = {}
         for p in params:
             self._static[id(p)] = weakref.ref(p)
         for x in inputs:
             self._mark(self._batch, x)
+
+    def _alias(self, p: Tensor) -> Tensor:
+        a = self.aliases.get(id(p))
+        if a is None:
+            a = self.aliases[id(p)] = p.view_as(p)
+            self._mark(self._static, a)
+        return a
 
     @staticmethod
     def _mark(table: dict[int, weakref.ref], t: Any) -> None:
@@ -148,6 +152,13 @@ class BareMode(TorchFunctionMode):
         flat, _ = tree_flatten((args, kwargs))
         tensors = [t for t in flat if isinstance(t, Tensor)]
         static = [t for t in tensors if self._has(self._static, t)]
+        if any(id(t) in self._roots for t in static):  # parameters enter through their aliases
+            swap = {id(t): self._alias(t) for t in static if id(t) in self._roots}
+            args, kwargs = tree_map(
+                lambda t: swap.get(id(t), t) if isinstance(t, Tensor) else t, (args, kwargs)
+            )
+            tensors = [swap.get(id(t), t) for t in tensors]
+            static = [swap.get(id(t), t) for t in static]
         batch = [t for t in tensors if self._has(self._batch, t)]
         if not static:
             out = func(*args, **kwargs)
@@ -420,18 +431,26 @@ def check_rows(
     return None
 
 
-def _pull_back(static: Tensor, rows_grad: Tensor, params: Sequence[Tensor], n: int) -> list:
-    """Per-sample gradients of ``params`` through ``static`` from the gradient at its expanded
-    use, ``(R, ...)`` with ``R = k·N`` sample-major rows: ``[(N, *p.shape) or None]``."""
+def _pull_back(
+    static: Tensor, rows_grad: Tensor, targets: Sequence[Tensor | None], n: int
+) -> list:
+    """Per-sample gradients at ``targets`` (the parameters' aliases, None if unused) through
+    ``static`` from the gradient at its expanded use, ``(R, ...)`` with ``R = k·N`` sample-major
+    rows: ``[(N, *p.shape) or None]``."""
     rows = rows_grad.shape[0]
     if rows % n:
         raise RuntimeError(f"{rows} rows for {n} samples")
     g = rows_grad.reshape(n, rows // n, *rows_grad.shape[1:]).sum(1).reshape(n, *static.shape)
-    return list(
-        torch.autograd.grad(
-            static, list(params), g, retain_graph=True, allow_unused=True, is_grads_batched=True
+    used = [(i, t) for i, t in enumerate(targets) if t is not None]
+    out: list = [None] * len(targets)
+    if used:
+        got = torch.autograd.grad(
+            static, [t for _, t in used], g, retain_graph=True, allow_unused=True,
+            is_grads_batched=True,
         )
-    )
+        for (i, _), gi in zip(used, got):
+            out[i] = gi
+    return out
 
 
 def takes_loose(module: nn.Module) -> bool:
@@ -460,7 +479,7 @@ class BareRule(Rule):
 
         def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
             inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
-            if not inputs or not torch.is_grad_enabled():  # nothing to capture
+            if not inputs or not torch.is_grad_enabled() or in_backward():  # nothing to capture
                 return
             n = int(inputs[0].shape[0])
             if model not in _PROBED:
@@ -475,8 +494,11 @@ class BareRule(Rule):
                 if call is None or call.inputs is not use.static:
                     return
 
+                targets = [mode.aliases.get(id(p)) for p in params]
+                call.targets = targets  # type: ignore[attr-defined]
+
                 def hook(g: Tensor) -> None:  # while the graph of S is still there
-                    call.per_sample = _pull_back(use.static, g, params, n)  # type: ignore[attr-defined]
+                    call.per_sample = _pull_back(use.static, g, targets, n)  # type: ignore[attr-defined]
 
                 use.expanded.register_hook(hook)
 
@@ -505,7 +527,7 @@ class BareRule(Rule):
                 continue
             got = getattr(c, "per_sample", None)
             if got is None:
-                got = _pull_back(c.inputs, c.delta, params, n)
+                got = _pull_back(c.inputs, c.delta, c.targets, n)  # type: ignore[attr-defined]
             for acc, g in zip(per, got):
                 if g is not None:
                     acc += g.to(acc.dtype)

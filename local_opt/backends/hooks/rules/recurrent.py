@@ -29,6 +29,7 @@ from local_opt.backends.hooks.rules.affine import (
     _stream_norms,
 )
 from local_opt.backends.hooks.rules.base import LayerStats, Memory, Rule, Site, register, sq_norms
+from local_opt.backends.stack import in_backward
 
 __all__: list[str] = []  # private module
 
@@ -79,7 +80,7 @@ class RecurrentRule(Rule):
                 site.calls[-1].tag = tag  # type: ignore[attr-defined]
 
         def pre(mod: nn.Module, args: tuple) -> None:
-            if torch.is_grad_enabled():
+            if torch.is_grad_enabled() and not in_backward():
                 mode = _Intercept(module, lambda kind, *a: _recurrence(emit, kind, *a))
                 mode.__enter__()
                 state["mode"] = mode

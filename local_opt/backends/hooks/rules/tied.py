@@ -41,6 +41,7 @@ from local_opt.backends.hooks.rules.base import (
 )
 from local_opt.backends.hooks.rules.embedding import EmbeddingRule
 from local_opt.backends.hooks.rules.linear import LinearRule
+from local_opt.backends.stack import in_backward
 
 __all__: list[str] = []  # private module
 
@@ -58,6 +59,8 @@ class TiedRule(Rule):
 
             def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any, j: int = j) -> None:
                 x = input_of(args, kwargs)
+                if in_backward():  # a checkpoint's recomputation: the first forward counts
+                    return
                 if isinstance(output, Tensor) and output.requires_grad and isinstance(x, Tensor):
                     before = len(site.calls)
                     on_call(x.detach(), output)
