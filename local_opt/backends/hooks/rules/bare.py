@@ -443,6 +443,15 @@ def _pull_back(
     g = rows_grad.reshape(n, rows // n, *rows_grad.shape[1:]).sum(1).reshape(n, *static.shape)
     used = [(i, t) for i, t in enumerate(targets) if t is not None]
     out: list = [None] * len(targets)
+    for i, t in used:  # a reshaped view of one parameter (``gamma.reshape(1, -1, 1, 1)``)
+        if (
+            static.data_ptr() == t.data_ptr()
+            and static.numel() == t.numel()
+            and static.is_contiguous()
+            and t.is_contiguous()
+        ):
+            out[i] = g.reshape(n, *t.shape)
+            return out
     if used:
         got = torch.autograd.grad(
             static, [t for _, t in used], g, retain_graph=True, allow_unused=True,
