@@ -35,6 +35,7 @@ from local_opt.backends.hooks.plan import (
     validate_bare,
 )
 from local_opt.backends.hooks.rules import Call, Site, input_of
+from local_opt.backends.hooks.rules.bare import find_off_batch
 from local_opt.backends.stack import in_backward, plain_checkpoints
 from local_opt.backends.vmap import vmap_stats
 
@@ -108,6 +109,8 @@ def hooks_grad_stats(
     args = _split_inputs(inputs)
     n = int(args[0].shape[0])
     sites, bare, missing = plan_model(model)
+    if not missing and find_off_batch(model, args):  # once per model: layers run off the batch
+        sites, bare, missing = plan_model(model)
     if missing:
         raise RuntimeError(
             f"The hooks backend does not cover {', '.join(missing)}; use the vmap or micro-batch backend"
@@ -204,6 +207,9 @@ def _register_site(site: Site, on_call: Callable[[Tensor, Tensor], None]) -> lis
         if isinstance(y, Tensor) and y.requires_grad:
             on_call(x, y)
 
+    own = getattr(site.rule, "register", None)
+    if own is not None:  # a rule that installs its own hooks (the model's loose parameters)
+        return own(site, on_call)
     child = site.rule.output_child(site.module)
     if child is None:
 
@@ -218,9 +224,15 @@ def _register_site(site: Site, on_call: Callable[[Tensor, Tensor], None]) -> lis
         if not in_backward():
             pending[:] = [read_input(args, kwargs)]
 
-    def child_pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def child_pre(module: nn.Module, args: tuple, kwargs: dict) -> Any:
         if pending:  # the child called from its parent's forward, not on its own
-            emit(pending.pop(), input_of(args, kwargs))
+            y = input_of(args, kwargs)
+            emit(pending.pop(), y)
+            if args and y is args[0] and y.requires_grad and y._base is not None:
+                # an in-place op (the activation) on a view (timm's LayerNormAct2d permutes)
+                # would take y's edge out of the graph: the child gets a copy instead
+                return (y.clone(), *args[1:]), kwargs
+        return None
 
     def post(module: nn.Module, args: tuple, output: Any) -> None:
         if pending:  # never silently without this layer's gradient

@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 from local_opt.backends.hooks.check import UNCOVERED
 from local_opt.backends.hooks.rules import Site, find_rule
+from local_opt.backends.hooks.rules.bare import BARE_RULE, OFF_BATCH, takes_loose
+from local_opt.backends.hooks.rules.tied import plan_tied
 
 __all__: list[str] = []  # private module
 
@@ -39,19 +41,34 @@ def plan_model(model: nn.Module) -> tuple[list[Site], list[tuple[str, nn.Paramet
     sites: list[Site] = []
     bare: list[tuple[str, nn.Parameter]] = []
     missing: list[str] = []
+    loose: dict[str, nn.Parameter] = {}
     modules = list(model.named_modules())
     owners: dict[int, list[str]] = {}
     for mname, module in modules:
         for n, p in module._parameters.items():
             if p is not None and p.requires_grad:
                 owners.setdefault(id(p), []).append(f"{mname}.{n}" if mname else n)
+    claimed = {  # submodules whose parameters their parent's rule handles (MHA's out_proj)
+        id(getattr(m, c)) for _, m in modules for c in getattr(find_rule(m), "claimed_children", ())
+    }
+    tied, grouped = plan_tied(modules, owners)  # Linear/Embedding modules sharing a weight
+    sites.extend(tied)
     for mname, module in modules:
         trainable = {
             n: p for n, p in module._parameters.items() if p is not None and p.requires_grad
         }
+        if id(module) in claimed or id(module) in grouped:
+            continue
+        for c in getattr(find_rule(module), "claimed_children", ()):
+            trainable.update(
+                {f"{c}.{n}": p for n, p in getattr(module, c).named_parameters() if p.requires_grad}
+            )
         if not trainable:
             continue
         cls = type(module).__name__
+        if module in OFF_BATCH:  # a covered layer run off the batch: its parameters are loose
+            loose.update({f"{mname}.{n}" if mname else n: p for n, p in trainable.items()})
+            continue
         shared = [q for p in trainable.values() for q in owners[id(p)] if len(owners[id(p)]) > 1]
         if shared:
             missing.append(
@@ -61,7 +78,7 @@ def plan_model(model: nn.Module) -> tuple[list[Site], list[tuple[str, nn.Paramet
         rule = find_rule(module)
         if rule is not None:
             reason = rule.unsupported(module)
-            extra = [n for n in trainable if n not in rule.param_names]
+            extra = [n for n in trainable if n not in rule.param_names and "." not in n]
             if reason is None and not extra:
                 sites.append(Site(mname, module, rule, trainable))
             else:
@@ -69,11 +86,15 @@ def plan_model(model: nn.Module) -> tuple[list[Site], list[tuple[str, nn.Paramet
                 missing.append(f"{mname or '<root>'} ({cls}: {why})")
             continue
         other = [n for n, p in trainable.items() if not _is_broadcast(p)]
-        if other:
+        if other and takes_loose(module):  # used functionally: followed through the forward
+            loose.update({f"{mname}.{n}" if mname else n: trainable[n] for n in other})
+        elif other:
             missing.append(f"{mname or '<root>'} ({cls}: parameters {other} have no rule)")
         for n, p in trainable.items():
             if _is_broadcast(p):
                 bare.append((f"{mname}.{n}" if mname else n, p))
+    if loose:
+        sites.append(Site("<loose parameters>", model, BARE_RULE, loose))
     if model in UNCOVERED:
         missing.append(f"{', '.join(UNCOVERED[model])} (gradient through a path the hooks missed)")
     return sites, bare, missing

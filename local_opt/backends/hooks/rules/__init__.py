@@ -5,7 +5,17 @@ registry (:func:`register`, :func:`register_named`, :func:`find_rule`); importin
 imports every family module, which registers its rules.
 """
 
-from local_opt.backends.hooks.rules import conv, diagonal, embedding, linear, norm  # noqa: F401
+from local_opt.backends.hooks.rules import (  # noqa: F401
+    activation,
+    attention,
+    conv,
+    conv_nd,
+    diagonal,
+    embedding,
+    linear,
+    norm,
+    recurrent,
+)
 from local_opt.backends.hooks.rules.base import (
     Call,
     LayerStats,

@@ -36,6 +36,12 @@ class EmbeddingRule(Rule):
         grad_sum = {"weight": torch.zeros_like(w)}
         if not calls:
             return LayerStats(grad_sum, sq, lambda v: torch.zeros_like(sq))
+        for c in calls:
+            if c.inputs.dim() == 0 or c.inputs.shape[0] != n:  # e.g. wpe(arange(T)): not per sample
+                raise RuntimeError(
+                    f"The hooks backend needs the batch along dimension 0 of {site.name}'s input "
+                    f"(got shape {tuple(c.inputs.shape)} for {n} samples)"
+                )
         ids = torch.cat([c.inputs.reshape(n, -1) for c in calls], dim=1)  # (N, T)
         delta = torch.cat([c.delta.reshape(n, -1, dim).to(w.dtype) for c in calls], dim=1)
         if site.module.padding_idx is not None:

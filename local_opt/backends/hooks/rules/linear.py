@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from local_opt.backends.hooks.rules.affine import AffineRule
-from local_opt.backends.hooks.rules.base import register
+from local_opt.backends.hooks.rules.base import LayerStats, Memory, Site, register, register_named
+
+# Linear layers whose inputs have k·N rows in sample-major order (attention windows, MobileViT
+# patches), as checked by the probe of :mod:`.bare`: their rows are folded into the positions.
+FOLDABLE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 __all__: list[str] = []  # private module
 
@@ -26,5 +32,20 @@ class LinearRule(AffineRule):
     def bias_grads(self, d: Tensor) -> Tensor:
         return d.reshape(d.shape[0], -1, d.shape[-1]).sum(1)
 
+    def finish(self, site: Site, n: int, memory: Memory) -> LayerStats:
+        for c in site.calls:
+            rows = c.delta.shape[0] if c.delta is not None else n
+            if rows != n:
+                if site.module not in FOLDABLE or rows % n:
+                    raise RuntimeError(
+                        f"The hooks backend cannot tell which of {n} samples each of the {rows} "
+                        f"input rows of {site.name} belongs to"
+                    )
+                c.inputs = c.inputs.reshape(n, -1, c.inputs.shape[-1])
+                c.delta = c.delta.reshape(n, -1, c.delta.shape[-1])
+        return super().finish(site, n, memory)
+
 
 register(LinearRule(), nn.Linear)
+# timm's Linear overrides forward only to cast the weight under torchscript: still F.linear.
+register_named(LinearRule(), "timm.layers.linear.Linear")

@@ -1,4 +1,5 @@
-"""Rules for normalization layers: LayerNorm, GroupNorm, BatchNorm and timm's variants."""
+"""Rules for normalization layers: LayerNorm, GroupNorm, BatchNorm, RMSNorm, InstanceNorm,
+GlobalResponseNorm and timm's variants (with their fused ``drop``/``act`` submodules)."""
 
 from __future__ import annotations
 
@@ -71,3 +72,87 @@ register_named(LayerNormRule(), "timm.layers.norm.LayerNorm")
 register_named(LayerNorm2dRule(), "timm.layers.norm.LayerNorm2d")
 register_named(GroupNormRule(), "timm.layers.norm.GroupNorm", "timm.layers.norm.GroupNorm1")
 register_named(BatchNormActRule(), "timm.layers.norm_act.BatchNormAct2d")
+
+
+class RMSNormRule(DiagonalRule):
+    """``nn.RMSNorm`` and timm's ``RmsNorm``: ``x / rms(x)`` over the trailing dimensions."""
+
+    param_names = ("weight",)
+
+    def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
+        return F.rms_norm(x, module.normalized_shape, None, module.eps)
+
+    def to_param(self, module: nn.Module, t: Tensor, shape: torch.Size) -> Tensor:
+        return t.reshape(t.shape[0], -1, *shape).sum(1)
+
+
+class RMSNorm2dRule(DiagonalRule):
+    """timm's ``RmsNorm2d``: RMS over the channels of an NCHW tensor."""
+
+    param_names = ("weight",)
+
+    def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + module.eps)
+
+
+class InstanceNormRule(DiagonalRule):
+    """``nn.InstanceNorm1d/2d/3d`` with ``affine=True`` (statistics per sample and channel; the
+    running statistics in eval mode when tracked)."""
+
+    def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
+        own = module.training or not module.track_running_stats
+        mean = None if own else module.running_mean
+        var = None if own else module.running_var
+        return F.instance_norm(x, mean, var, None, None, own, 0.0, module.eps)
+
+
+class GlobalResponseNormRule(DiagonalRule):
+    """timm's ``GlobalResponseNorm`` (ConvNeXt-V2): ``x + bias + weight ⊙ (x ⊙ N(x))`` with
+    ``N(x)`` the spatial L2 norm over its channel mean; ``δ`` is the output's gradient."""
+
+    def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
+        x_g = x.norm(p=2, dim=module.spatial_dim, keepdim=True)
+        return x * (x_g / (x_g.mean(dim=module.channel_dim, keepdim=True) + module.eps))
+
+    def to_param(self, module: nn.Module, t: Tensor, shape: torch.Size) -> Tensor:
+        if module.channel_dim == 1:
+            return DiagonalRule.to_param(self, module, t, shape)
+        return t.reshape(t.shape[0], -1, *shape).sum(1)
+
+
+class _WithAct:
+    """timm's fused norm + ``drop`` + ``act`` layers: ``δ`` at the normalization's output, the
+    input of ``drop`` (before an in-place activation overwrites it)."""
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        for name in ("drop", "act"):
+            if not isinstance(getattr(module, name, None), nn.Module):
+                return f"no {name} submodule"
+        return None
+
+    def output_child(self, module: nn.Module) -> nn.Module | None:
+        return module.drop
+
+
+class GroupNormActRule(_WithAct, GroupNormRule):
+    pass
+
+
+class LayerNormActRule(_WithAct, LayerNormRule):
+    pass
+
+
+class LayerNormAct2dRule(_WithAct, LayerNorm2dRule):
+    pass
+
+
+register(RMSNormRule(), nn.RMSNorm)
+register(InstanceNormRule(), nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+register_named(RMSNormRule(), "timm.layers.norm.RmsNorm")
+register_named(RMSNorm2dRule(), "timm.layers.norm.RmsNorm2d")
+register_named(GlobalResponseNormRule(), "timm.layers.grn.GlobalResponseNorm")
+register_named(
+    GroupNormActRule(), "timm.layers.norm_act.GroupNormAct", "timm.layers.norm_act.GroupNorm1Act"
+)
+register_named(LayerNormActRule(), "timm.layers.norm_act.LayerNormAct")
+register_named(LayerNormAct2dRule(), "timm.layers.norm_act.LayerNormAct2d")
