@@ -25,7 +25,8 @@ step's with the model's own activation memory: the bytes of the tensors autograd
 training forward (``saved_tensors_hooks``, each storage counted once).
 
 Threads: one, unless ``LOCAL_OPT_BENCH_THREADS`` says otherwise (one is far steadier on a shared
-2-core machine); ``LOCAL_OPT_BENCH_REPEATS`` sets the interleaved repeats (default 7). Under
+2-core machine); ``LOCAL_OPT_BENCH_REPEATS`` sets the interleaved repeats (default 7),
+``LOCAL_OPT_BENCH_PEAKS=0`` skips the memory measurements. Under
 ``--benchmark-disable`` (the test suite) everything runs once at tiny sizes (b=4, 32 px, a small
 GPT).
 """
@@ -49,9 +50,10 @@ from local_opt.backends.hooks import release_workspaces, unsupported_layers
 
 THREADS = int(os.environ.get("LOCAL_OPT_BENCH_THREADS", "1"))
 REPEATS = int(os.environ.get("LOCAL_OPT_BENCH_REPEATS", "7"))
+PEAKS = os.environ.get("LOCAL_OPT_BENCH_PEAKS", "1") != "0"  # "0": skip the memory subprocesses
 MODELS = ["resnet18", "resnet18_eval", "vit_small", "convnext_atto", "gpt"]
 #: The models of the tiny run under ``--benchmark-disable`` (``make test``), by test.
-QUICK = {"suggest": ("resnet18", "gpt"), "capture": ("gpt",), "sizes": (32,), "vmap": ()}
+QUICK = {"suggest": ("resnet18", "gpt"), "capture": ("gpt",), "sizes": (), "vmap": ()}
 
 
 class Block(nn.Module):
@@ -243,7 +245,7 @@ def test_bench_suggest_vs_step(benchmark, request, name):
     res = interleaved_ratio(lambda: suggest_norm(model, x, y, loss_fn), base, repeats, warmup=1)
     record(benchmark, f"{name}_suggest_norm_vs_step", res, goal=1.5)
     benchmark.extra_info["threads"] = THREADS
-    if not small:
+    if not small and PEAKS:
         act = peak_mib(name, "activations", batch, px)
         benchmark.extra_info[f"{name}_activation_mib"] = round(act, 1)
         peaks = {m: peak_mib(name, m, batch, px) for m in ("step", "suggest", "suggest_norm")}
@@ -271,7 +273,7 @@ def test_bench_capture_vs_step(benchmark, request, name):
     )
     record(benchmark, f"{name}_step_with_capture_vs_step", res, goal=1.2)
     benchmark.extra_info["threads"] = THREADS
-    if not small:
+    if not small and PEAKS:
         benchmark.extra_info[f"{name}_capture_peak_mib"] = round(
             peak_mib(name, "capture", batch, px), 1
         )
