@@ -44,9 +44,9 @@ from local_opt.backends.hooks.rules.base import (
 __all__: list[str] = []  # private module
 
 # Cost model, in units of one multiply-add of a large matmul, per sample (see AffineRule.costs).
-# Calibrated on CPU (one thread, float32) with the Linear and Conv layers of timm resnet18,
-# convnext_atto, vit_small and a GPT-style LM at 32, 64, 128 and 224 px (context 64-256), b=32:
-# /benchmarks/test_bench_variance.py measures the end-to-end ratios.
+# Calibrated on CPU (one thread, float32, b=32) from per-layer timings of every mode on the
+# convolutions of timm resnet18 at 32, 64 and 224 px (T from 1 to 12544 positions), checked end to
+# end on ViT-S/16 (224 px) and a GPT-style LM (context 256) by benchmarks/test_bench_variance.py.
 _MEMORY_COST = 12.0  # one pass over one element of a materialized per-sample gradient
 _BMM_COST = 1.2  # a batched matmul of per-sample (T x M) and (T x K) matrices vs one big one
 _GRAM_COST = 1.0  # the per-sample T x T Gram matrices (skinny batched matmuls)
