@@ -2,27 +2,29 @@ r"""Linear and convolution rules' shared code: per-sample weight gradients ``G_i
 
 Linear and convolution layers (weight :math:`W`, per-sample gradient
 :math:`G_i = \sum_t \delta_{it} u_{it}^\top` over the ``T`` output positions, ``u`` the input or
-its im2col patches) never ask autograd for the weight gradient (the backward pass then skips it);
-:math:`\sum_i G_i` is one matmul over all ``N·T`` rows (or the sum of kept :math:`G_i`). They use
-one of three modes, chosen per layer by a flop/memory cost model:
+its im2col patches) never ask autograd for the weight gradient (the backward pass then skips it).
+They use one of three modes, chosen per layer by a cost model (:meth:`AffineRule.costs`):
 
+``"keep"``
+    materializes :math:`G_i` (Linear: one batched matmul; Conv: one weight gradient of a
+    convolution with the samples as groups, no im2col) chunk by chunk into a reused workspace,
+    takes :math:`\sum_i G_i` and the norms while a chunk is in cache, and later the inner
+    products as one matrix-vector product;
+``"stream"``
+    materializes :math:`G_i` in chunks of samples for the sum and the norms only; the inner
+    products :math:`\langle G_i, V\rangle = \sum_t \delta_{it}\cdot(V u_{it})` are one forward of
+    the layer with weight ``V`` on the saved input, when they are asked for;
 ``"ghost"``
     never forms :math:`G_i`: :math:`\lVert G_i\rVert^2 = \sum_{t,t'} (u_{it}\cdot u_{it'})
     (\delta_{it}\cdot\delta_{it'})` (for ``T = 1``: :math:`\lVert u_i\rVert^2\lVert\delta_i
-    \rVert^2`), and :math:`\langle G_i, V\rangle = \sum_t \delta_{it}\cdot(V u_{it})` is one
-    more matmul (a forward of the layer with weight ``V``) when the inner products are asked for;
-``"keep"``
-    materializes :math:`G_i` with one batched matmul (the weight gradient's flops) into a reused
-    workspace, takes the sum and the norms chunk by chunk while they are in cache, and later the
-    inner products as one matrix-vector product;
-``"stream"``
-    materializes :math:`G_i` in chunks of samples for the norms only, and computes the inner
-    products as ``"ghost"`` does.
+    \rVert^2`), :math:`\sum_i G_i` is the layer's ordinary weight gradient, the inner products
+    as in ``"stream"``.
 
-Small ``T`` (late convolutions at low resolution, Linear on vectors) favours ``"ghost"``; large
-``T`` with small weights (early convolutions) and transformer blocks favour ``"keep"`` within the
-memory budget. The im2col matmuls are also much faster than oneDNN's weight gradient for the
-1x1 and 2x2 feature maps of a 32x32 resnet.
+Large ``T`` with small weights (early convolutions at high resolution, transformer blocks)
+favours ``"keep"`` or ``"stream"``; small ``T`` with large weights (late convolutions, Linear on
+vectors) favours ``"ghost"`` (Gram matrices cost :math:`T^2(K+M)` against :math:`TKM`).
+``"keep"`` saves the inner products' forward at the price of :math:`N\cdot P` stored numbers; the
+memory budget grants it to the layers that save the most time per byte.
 """
 
 from __future__ import annotations
@@ -41,11 +43,16 @@ from local_opt.backends.hooks.rules.base import (
 
 __all__: list[str] = []  # private module
 
-# makes ~4 such passes (write, norm, sum, inner). Calibrated on CPU (one thread) with timm
-# resnet18 and vit_tiny at 32x32, b=32.
-_MEMORY_COST = 12.0
-# Relative cost of a batched matmul of per-sample (T x M) and (T x K) matrices vs one big one.
-_BMM_COST = 1.2
+# Cost model, in units of one multiply-add of a large matmul, per sample (see AffineRule.costs).
+# Calibrated on CPU (one thread, float32, b=32) from per-layer timings of every mode on the
+# convolutions of timm resnet18 at 32, 64 and 224 px (T from 1 to 12544 positions), checked end to
+# end on ViT-S/16 (224 px) and a GPT-style LM (context 256) by benchmarks/test_bench_variance.py.
+_MEMORY_COST = 12.0  # one pass over one element of a materialized per-sample gradient
+_BMM_COST = 1.2  # a batched matmul of per-sample (T x M) and (T x K) matrices vs one big one
+_GRAM_COST = 1.0  # the per-sample T x T Gram matrices (skinny batched matmuls)
+_UNFOLD_COST = 30.0  # one element of im2col patches (F.unfold is slow: ~10 ns/element)
+_GROUPED_COST = 1.1  # a convolution's weight gradient with the samples as groups (oneDNN) ...
+_GROUPED_OVERHEAD = 150.0  # ... plus this many per weight element and sample (small T, wide C)
 # Chunk sizes (elements) for materialized per-sample gradients and Gram matrices, and for the
 # chunks of kept per-sample gradients whose sum and norms are taken while they are in cache.
 _CHUNK_ELEMENTS = 1 << 24
@@ -55,12 +62,11 @@ _CACHE_ELEMENTS = 1 << 19
 class AffineRule(Rule):
     r"""Shared code of Linear and Conv.
 
-    A subclass maps a call to ``patches`` ``U`` of shape ``(g, N, T, Kg)`` and ``deltas`` ``D`` of
-    shape ``(g, N, T, Mg)`` (``g`` groups, ``T`` positions); then per group
-    :math:`G_i = D_i^\top U_i` and :math:`\sum_i G_i = D^\top U` over all ``N·T`` rows.
+    A subclass maps a call to ``patches`` ``U`` of shape ``(N, g, T, Kg)`` and ``deltas`` ``D``
+    of shape ``(N, g, T, Mg)`` (``g`` groups, ``T`` positions; views where possible); per sample
+    and group :math:`G_i = D_i^\top U_i`. It may compute per-sample gradients and the weight
+    gradient in another way (:meth:`per_sample`, :meth:`weight_sum`).
     """
-
-    copies_patches = False  # whether ``patches`` allocates (im2col) rather than views the input
 
     def groups(self, module: nn.Module) -> int:
         return 1
@@ -78,8 +84,36 @@ class AffineRule(Rule):
         """Per-sample bias gradient ``Σ_t δ_it``: ``(N, M)``."""
         raise NotImplementedError
 
+    def per_sample(self, module: nn.Module, a: Tensor, d: Tensor, out: Tensor | None) -> Tensor:
+        """Per-sample weight gradients of the samples in ``a``, ``d``, flattened in the weight's
+        order: ``(c, P)`` (written into ``out`` when given)."""
+        u, dd = self.patches(module, a), self.deltas(module, d)
+        c, g, t = u.shape[:3]
+        uc = u.reshape(c * g, t, u.shape[-1])
+        dc = dd.reshape(c * g, t, dd.shape[-1])
+        if out is None:
+            return torch.bmm(dc.transpose(1, 2), uc).view(c, -1)
+        torch.bmm(dc.transpose(1, 2), uc, out=out.view(c * g, dd.shape[-1], u.shape[-1]))
+        return out
+
+    def weight_sum(self, module: nn.Module, a: Tensor, d: Tensor) -> Tensor:
+        """``Σ_i G_i`` (the weight gradient of ``N·L``), flattened: ``(P,)``."""
+        u, dd = self.patches(module, a), self.deltas(module, d)
+        return torch.einsum("ngtm,ngtk->gmk", dd, u).reshape(-1)
+
+    def extra_costs(self, t: int, p: int, g: int, k: int) -> dict[str, float]:
+        """Per-sample costs a subclass adds to (or replaces in) the generic model."""
+        return {}
+
     def costs(self, site: Site) -> dict[str, float] | None:
-        """Estimated per-sample cost of each mode for the weight (``None`` without one)."""
+        r"""Estimated per-sample cost of each mode for the weight (``None`` without one).
+
+        With ``T`` positions, ``P`` weight elements in ``g`` groups of ``M x K``: per-sample
+        gradients cost :math:`c_b TP` (a batched matmul), the weight gradient and the inner
+        products' forward :math:`TP` each, Gram matrices :math:`c_g T^2 g (K + M)`, and a pass
+        over a materialized per-sample gradient :math:`c_m P` (``"keep"`` makes four: write,
+        norm, sum, inner product; ``"stream"`` three).
+        """
         w = site.params.get("weight")
         calls = [c for c in site.calls if c.delta is not None]
         if w is None or not calls:
@@ -91,11 +125,20 @@ class AffineRule(Rule):
         k = p // (g * m)
         if t <= 1:  # outer products: the norm is a product of two norms
             return {"ghost": 2.0 * p, "stream": 2.0 * p + _BMM_COST * p, "keep": float("inf")}
-        return {
-            "ghost": 2.0 * t * p + t * t * g * (k + m),
-            "stream": (_BMM_COST + 2.0) * t * p + 2.0 * _MEMORY_COST * p,
-            "keep": _BMM_COST * t * p + 4.0 * _MEMORY_COST * p,
+        per_sample = _BMM_COST * t * p
+        costs = {
+            "ghost": 2.0 * t * p + _GRAM_COST * t * t * g * (k + m),
+            "stream": per_sample + t * p + 3.0 * _MEMORY_COST * p,
+            "keep": per_sample + 4.0 * _MEMORY_COST * p,
         }
+        extra = self.extra_costs(t, p, g, k)
+        if "per_sample" in extra:
+            delta = extra.pop("per_sample") - per_sample
+            costs["stream"] += delta
+            costs["keep"] += delta
+        for key, value in extra.items():
+            costs[key] += value
+        return costs
 
     def keep_request(self, site: Site, n: int) -> tuple[float, int] | None:
         """``(saving, bytes)`` if keeping the per-sample weight gradients is the cheapest mode."""
@@ -119,48 +162,50 @@ class AffineRule(Rule):
             b = site.params["bias"]
             bias_g = torch.zeros((n, *b.shape), dtype=b.dtype, device=b.device)
             for c in calls:
-                bias_g += self.bias_grads(c.delta)
+                bias_g += self.bias_grads(c.delta.to(b.dtype))
             grad_sum["bias"] = bias_g.sum(0)
             sq += sq_norms(bias_g)
         kept = None  # materialized per-sample weight gradients, (N, P)
-        stored: tuple[Tensor, Tensor] | None = None  # (U, D) for the inner products
         if "weight" in site.params:
             w = site.params["weight"]
             if not calls:
                 grad_sum["weight"] = torch.zeros_like(w)
             else:
                 # (under autocast the inputs and output gradients may be in a lower precision)
-                us = [self.patches(module, c.inputs.to(w.dtype)) for c in calls]
-                ds = [self.deltas(module, c.delta.to(w.dtype)) for c in calls]
-                u = us[0] if len(us) == 1 else torch.cat(us, dim=2)
-                d = ds[0] if len(ds) == 1 else torch.cat(ds, dim=2)
-                del us, ds
+                pairs = [(c.inputs.to(w.dtype), c.delta.to(w.dtype)) for c in calls]
                 mode = site.mode
                 if mode not in ("keep", "stream", "ghost"):
                     costs = self.costs(site) or {}
                     mode = "stream" if costs.get("stream", 1) < costs.get("ghost", 0) else "ghost"
                 site.mode = mode
-                if mode == "keep":
-                    kept = memory.take((n, w.numel()), w.dtype, w.device)
-                    total = torch.zeros(w.numel(), dtype=w.dtype, device=w.device)
-                    step = max(1, _CACHE_ELEMENTS // w.numel())
+                if mode == "ghost":
+                    total = sum(self.weight_sum(module, a, d) for a, d in pairs)
+                    us = [self.patches(module, a) for a, _ in pairs]
+                    ds = [self.deltas(module, d) for _, d in pairs]
+                    u = us[0] if len(us) == 1 else torch.cat(us, dim=2)
+                    d = ds[0] if len(ds) == 1 else torch.cat(ds, dim=2)
+                    del us, ds
+                    sq += _ghost_norms(u, d)
+                    del u, d
+                else:
+                    p = w.numel()
+                    if mode == "keep":
+                        kept = memory.take((n, p), w.dtype, w.device)
+                    step = max(1, (_CACHE_ELEMENTS if kept is not None else _CHUNK_ELEMENTS) // p)
+                    total = torch.zeros(p, dtype=w.dtype, device=w.device)
                     for lo in range(0, n, step):
                         hi = min(n, lo + step)
-                        chunk = _per_sample(u, d, lo, hi, out=kept[lo:hi])
+                        out = None if kept is None else kept[lo:hi]
+                        (a, d), rest = pairs[0], pairs[1:]
+                        chunk = self.per_sample(module, a[lo:hi], d[lo:hi], out)
+                        for a, d in rest:  # a module called more than once
+                            chunk += self.per_sample(module, a[lo:hi], d[lo:hi], None)
                         total += chunk.sum(0)
                         sq[lo:hi] += sq_norms(chunk)
-                    grad_sum["weight"] = total.view(w.shape)
-                else:
-                    grad_sum["weight"] = _gemm_sum(u, d).reshape(w.shape)
-                    sq += _ghost_norms(u, d) if mode == "ghost" else _stream_norms(u, d)
-                    # Linear's U and D are views of tensors the fallback keeps anyway.
-                    extra = (u.numel() + d.numel()) * w.element_size() if self.copies_patches else 0
-                    if extra <= memory.free:
-                        memory.free -= extra
-                        stored = (u, d)
+                grad_sum["weight"] = total.view(w.shape)
 
-        # Keep the saved inputs and output gradients only when the fallback needs them.
-        needed = calls if kept is None and stored is None else []
+        # Keep the saved inputs and output gradients only when the inner products need them.
+        needed = calls if kept is None else []
 
         def inner(v: dict[str, Tensor]) -> Tensor:
             res = torch.zeros(n, dtype=torch.float64, device=sq.device)
@@ -170,72 +215,30 @@ class AffineRule(Rule):
                 vw = v["weight"].to(site.params["weight"].dtype)
                 if kept is not None:
                     res += (kept @ vw.reshape(-1)).double()
-                elif stored is not None:
-                    res += _gemm_inner(*stored, vw).double()
                 else:
                     for c in needed:
-                        out = self.weight_forward(module, c.inputs, vw)
-                        res += sum_but_batch(out * c.delta).double()
+                        out = self.weight_forward(module, c.inputs.to(vw.dtype), vw)
+                        res += sum_but_batch(out * c.delta.to(vw.dtype)).double()
             return res
 
         return LayerStats(grad_sum, sq, inner)
 
 
-def _per_sample(u: Tensor, d: Tensor, lo: int, hi: int, out: Tensor | None = None) -> Tensor:
-    """Per-sample weight gradients ``D_iᵀ U_i`` of samples ``lo:hi``, flattened in the weight's
-    order: ``(hi - lo, g·Mg·Kg)`` (written into ``out`` when given)."""
-    g, t, c = u.shape[0], u.shape[2], hi - lo
-    uc, dc = u[:, lo:hi], d[:, lo:hi]
-    if g > 1:  # sample-major batches, so that each sample's groups are contiguous
-        uc, dc = uc.transpose(0, 1), dc.transpose(0, 1)
-    uc = uc.reshape(c * g, t, u.shape[-1])
-    dc = dc.reshape(c * g, t, d.shape[-1])
-    if out is None:
-        return torch.bmm(dc.transpose(1, 2), uc).view(c, -1)
-    torch.bmm(dc.transpose(1, 2), uc, out=out.view(c * g, d.shape[-1], u.shape[-1]))
-    return out
-
-
-def _gemm_sum(u: Tensor, d: Tensor) -> Tensor:
-    """``Σ_i D_iᵀ U_i`` as one matmul over all ``N·T`` rows: ``(g, Mg, Kg)``."""
-    g = u.shape[0]
-    return torch.bmm(d.reshape(g, -1, d.shape[-1]).transpose(1, 2), u.reshape(g, -1, u.shape[-1]))
-
-
-def _gemm_inner(u: Tensor, d: Tensor, v: Tensor) -> Tensor:
-    """Per-sample ``⟨D_iᵀ U_i, V⟩ = Σ_t δ_it · (V u_it)`` through one matmul: ``(N,)``."""
-    g, n = u.shape[0], u.shape[1]
-    vg = v.reshape(g, -1, u.shape[-1])  # (g, Mg, Kg)
-    proj = torch.bmm(u.reshape(g, -1, u.shape[-1]), vg.transpose(1, 2))  # (g, N·T, Mg)
-    return torch.linalg.vecdot(proj.view(g * n, -1), d.reshape(g * n, -1)).view(g, n).sum(0)
-
-
 def _ghost_norms(u: Tensor, d: Tensor) -> Tensor:
-    """Per-sample ``‖D_iᵀ U_i‖² = Σ_{t,t'} (u_t·u_t')(δ_t·δ_t')`` without forming ``D_iᵀ U_i``."""
-    g, n, t = u.shape[0], u.shape[1], u.shape[2]
+    """Per-sample ``‖D_iᵀ U_i‖² = Σ_{t,t'} (u_t·u_t')(δ_t·δ_t')`` (summed over the groups) without
+    forming ``D_iᵀ U_i``; ``u``: ``(N, g, T, K)``, ``d``: ``(N, g, T, M)``."""
+    n, g, t = u.shape[:3]
     if t == 1:
-        uu = torch.linalg.vector_norm(u, dim=(-1, -2)).square()  # (g, N)
+        uu = torch.linalg.vector_norm(u, dim=(-1, -2)).square()  # (N, g)
         dd = torch.linalg.vector_norm(d, dim=(-1, -2)).square()
-        return (uu * dd).sum(0).double()
+        return (uu * dd).sum(1).double()
     out = torch.zeros(n, dtype=torch.float64, device=u.device)
     step = max(1, _CHUNK_ELEMENTS // max(1, g * t * t))
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        uc = u[:, lo:hi].reshape(-1, t, u.shape[-1])
-        dc = d[:, lo:hi].reshape(-1, t, d.shape[-1])
-        gram_u = torch.bmm(uc, uc.transpose(1, 2)).view(g * (hi - lo), -1)  # (g·n, T·T)
-        gram_d = torch.bmm(dc, dc.transpose(1, 2)).view(g * (hi - lo), -1)
-        out[lo:hi] = torch.linalg.vecdot(gram_u, gram_d).view(g, hi - lo).sum(0)
-    return out
-
-
-def _stream_norms(u: Tensor, d: Tensor) -> Tensor:
-    """Per-sample ``‖D_iᵀ U_i‖²`` by materializing ``D_iᵀ U_i`` in chunks of samples."""
-    g, n = u.shape[0], u.shape[1]
-    per = g * d.shape[-1] * u.shape[-1]
-    out = torch.zeros(n, dtype=torch.float64, device=u.device)
-    step = max(1, _CHUNK_ELEMENTS // max(1, per))
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
-        out[lo:hi] = sq_norms(_per_sample(u, d, lo, hi))
+        uc = u[lo:hi].reshape(-1, t, u.shape[-1])
+        dc = d[lo:hi].reshape(-1, t, d.shape[-1])
+        gram_u = torch.bmm(uc, uc.transpose(1, 2)).view(hi - lo, -1)  # (c, g·T·T)
+        gram_d = torch.bmm(dc, dc.transpose(1, 2)).view(hi - lo, -1)
+        out[lo:hi] = torch.linalg.vecdot(gram_u, gram_d).double()
     return out

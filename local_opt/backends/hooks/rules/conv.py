@@ -1,22 +1,40 @@
-"""Rule for ``nn.Conv1d`` / ``nn.Conv2d`` (im2col patches)."""
+"""Rule for ``nn.Conv1d`` / ``nn.Conv2d``.
+
+Per-sample weight gradients are, for many positions, one weight gradient of the same convolution
+with the ``c`` samples of a chunk stacked as ``c·groups`` groups (oneDNN's kernel, no im2col),
+and for few positions and wide channels (where that kernel has a large per-group overhead) one
+batched matmul on im2col patches; the Gram matrices of ``"ghost"`` use im2col patches (viewed,
+not copied, in the layout the rules expect).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from local_opt.backends.hooks.rules import affine
 from local_opt.backends.hooks.rules.affine import AffineRule
 from local_opt.backends.hooks.rules.base import register
 
 __all__: list[str] = []  # private module
 
 
+def _geometry(module: nn.Module, a: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """The input padded as the convolution pads it when that is not plain zero padding, and the
+    zero padding left to apply."""
+    pad: Any = module.padding
+    if module.padding_mode != "zeros" or isinstance(pad, str):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        a = F.pad(a, module._reversed_padding_repeated_twice, mode=mode)
+        pad = (0,) * (a.dim() - 2)
+    return a, tuple(pad)
+
+
 class ConvRule(AffineRule):
     """``nn.Conv1d`` / ``nn.Conv2d`` (any stride, padding, padding mode, dilation, groups)."""
-
-    copies_patches = True
 
     def unsupported(self, module: nn.Module) -> str | None:
         if not isinstance(module, (nn.Conv1d, nn.Conv2d)):
@@ -27,31 +45,57 @@ class ConvRule(AffineRule):
         return module.groups
 
     def patches(self, module: nn.Module, a: Tensor) -> Tensor:
-        one_d = isinstance(module, nn.Conv1d)
-        pad: Any = module.padding
-        if module.padding_mode != "zeros" or isinstance(pad, str):
-            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            a = F.pad(a, module._reversed_padding_repeated_twice, mode=mode)
-            pad = (0,) * (1 if one_d else 2)
-        if one_d:
+        a, pad = _geometry(module, a)
+        k, dil, stride = module.kernel_size, module.dilation, module.stride
+        if isinstance(module, nn.Conv1d):
             a = a.unsqueeze(-2)
-            k, dil, pad, stride = (
-                (1, module.kernel_size[0]),
-                (1, module.dilation[0]),
-                (0, pad[0]),
-                (1, module.stride[0]),
-            )
-        else:
-            k, dil, pad, stride = module.kernel_size, module.dilation, tuple(pad), module.stride
+            k, dil, pad, stride = (1, k[0]), (1, dil[0]), (0, pad[0]), (1, stride[0])
         u = F.unfold(a, k, dilation=dil, padding=pad, stride=stride)  # (N, C*kk, T)
         g = module.groups
-        u = u.reshape(u.shape[0], g, u.shape[1] // g, u.shape[2])  # (N, g, Kg, T)
-        return u.permute(1, 0, 3, 2).contiguous()  # (g, N, T, Kg)
+        return u.view(u.shape[0], g, u.shape[1] // g, u.shape[2]).transpose(2, 3)
 
     def deltas(self, module: nn.Module, d: Tensor) -> Tensor:
         g = module.groups
-        d = d.reshape(d.shape[0], g, d.shape[1] // g, -1)  # (N, g, Mg, T)
-        return d.permute(1, 0, 3, 2).contiguous()  # (g, N, T, Mg)
+        return d.reshape(d.shape[0], g, d.shape[1] // g, -1).transpose(2, 3)  # (N, g, T, Mg)
+
+    def _weight_grad(self, module: nn.Module, a: Tensor, d: Tensor, groups: int) -> Tensor:
+        """The weight gradient of the convolution of ``a`` (``(1 or N, C, ...)``) with
+        ``groups`` groups at output gradient ``d``."""
+        a, pad = _geometry(module, a)
+        w = module.weight
+        shape = (d.shape[1], a.shape[1] // groups, *w.shape[2:])
+        dummy = w.new_zeros(()).expand(shape)  # only its shape is read
+        return torch.ops.aten.convolution_backward(
+            d, a, dummy, None, module.stride, pad, module.dilation,
+            False, (0,) * len(pad), groups, (False, True, False),
+        )[1]
+
+    def _grouped(self, module: nn.Module, t: int) -> bool:
+        """Whether the grouped-convolution kernel beats im2col + batched matmul at ``T = t``."""
+        w = module.weight
+        p, k = w.numel(), w[0].numel()
+        grouped = affine._GROUPED_COST * t * p + affine._GROUPED_OVERHEAD * p
+        return grouped < affine._BMM_COST * t * p + affine._UNFOLD_COST * t * module.groups * k
+
+    def per_sample(self, module: nn.Module, a: Tensor, d: Tensor, out: Tensor | None) -> Tensor:
+        if not self._grouped(module, d[0, 0].numel()):
+            return super().per_sample(module, a, d, out)
+        c = a.shape[0]
+        gw = self._weight_grad(
+            module,
+            a.reshape(1, -1, *a.shape[2:]),
+            d.reshape(1, -1, *d.shape[2:]),
+            c * module.groups,
+        ).view(c, -1)
+        return gw if out is None else out.copy_(gw)
+
+    def weight_sum(self, module: nn.Module, a: Tensor, d: Tensor) -> Tensor:
+        return self._weight_grad(module, a, d, module.groups).reshape(-1)
+
+    def extra_costs(self, t: int, p: int, g: int, k: int) -> dict[str, float]:
+        unfold = affine._UNFOLD_COST * t * g * k
+        grouped = affine._GROUPED_COST * t * p + affine._GROUPED_OVERHEAD * p
+        return {"per_sample": min(grouped, affine._BMM_COST * t * p + unfold), "ghost": unfold}
 
     def weight_forward(self, module: nn.Module, a: Tensor, v: Tensor) -> Tensor:
         return module._conv_forward(a, v, None)

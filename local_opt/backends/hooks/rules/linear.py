@@ -21,10 +21,13 @@ class LinearRule(AffineRule):
     """``nn.Linear`` on ``(N, *, d_in)`` inputs; the middle dimensions are positions."""
 
     def patches(self, module: nn.Module, a: Tensor) -> Tensor:
-        return a.reshape(1, a.shape[0], -1, a.shape[-1])
+        return a.reshape(a.shape[0], 1, -1, a.shape[-1])
 
     def deltas(self, module: nn.Module, d: Tensor) -> Tensor:
-        return d.reshape(1, d.shape[0], -1, d.shape[-1])
+        return d.reshape(d.shape[0], 1, -1, d.shape[-1])
+
+    def weight_sum(self, module: nn.Module, a: Tensor, d: Tensor) -> Tensor:
+        return (d.reshape(-1, d.shape[-1]).T @ a.reshape(-1, a.shape[-1])).reshape(-1)
 
     def weight_forward(self, module: nn.Module, a: Tensor, v: Tensor) -> Tensor:
         return F.linear(a, v)
