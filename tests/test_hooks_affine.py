@@ -113,3 +113,40 @@ def test_cost_model_choice_follows_the_input_size(monkeypatch):
         chosen = _modes_chosen(model, px, monkeypatch)
         assert chosen["conv1"] == "keep" and chosen["layer4.1.conv2"] == "ghost", (px, chosen)
     assert chosen["layer1.0.conv1"] == "keep", chosen  # 576 positions at 96 px
+
+
+class NdNet(nn.Module):
+    """Conv3d (grouped and not) and ConvTranspose1d/2d: the rules of ``rules/conv_nd.py``, whose
+    patches must follow AffineRule's ``(N, g, T, K)`` layout in every mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.c3 = nn.Conv3d(2, 4, 2, padding=1)
+        self.c3g = nn.Conv3d(4, 4, 2, stride=2, groups=2, bias=False)
+        self.t2 = nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1)
+        self.t1 = nn.ConvTranspose1d(3, 2, 2, stride=2, groups=1)
+        self.head = nn.Linear(2, 3)
+
+    def forward(self, x):
+        x = torch.tanh(self.c3g(torch.tanh(self.c3(x))))  # (N, 4, 2, 2, 2)
+        x = torch.tanh(self.t2(x.flatten(3)))  # (N, 3, 3, 7)
+        x = torch.tanh(self.t1(x.flatten(2)))  # (N, 2, 42)
+        return self.head(x.mean(2))
+
+
+@pytest.mark.parametrize("variant", ["grouped", "im2col"])
+@pytest.mark.parametrize("mode", MODES)
+def test_nd_and_transposed_conv_paths_match_per_sample_loop(mode, variant, monkeypatch):
+    monkeypatch.setattr(affine, "_GROUPED_OVERHEAD", 1e9 if variant == "im2col" else 0.0)
+    torch.manual_seed(0)
+    model = NdNet().double()
+    x = torch.randn(5, 2, 3, 3, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    ref = loop_per_sample(model, x, y)
+    stats = hooks_grad_stats(model, F.cross_entropy, x, y, mode=mode)
+    v = [torch.randn_like(p) for p in model.parameters()]
+    flat_v = torch.cat([t.reshape(-1) for t in v])
+    got_sum = torch.cat([g.reshape(-1) for g in stats.grad_sum])
+    torch.testing.assert_close(got_sum, ref.sum(0), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(stats.sq_norm_sum, (ref * ref).sum(), rtol=1e-9, atol=0)
+    torch.testing.assert_close(stats.inner_sq_sum(v), ((ref @ flat_v) ** 2).sum(), rtol=1e-9, atol=0)

@@ -242,3 +242,33 @@ def _ghost_norms(u: Tensor, d: Tensor) -> Tensor:
         gram_d = torch.bmm(dc, dc.transpose(1, 2)).view(hi - lo, -1)
         out[lo:hi] = torch.linalg.vecdot(gram_u, gram_d).double()
     return out
+
+
+# A weight used as a plain affine map on sequences (MultiheadAttention's projections, an RNN's
+# gates), one group: inputs ``u`` of shape ``(N, T, K)`` and output gradients ``d`` ``(N, T, M)``.
+
+
+def seq_weight_sum(u: Tensor, d: Tensor) -> Tensor:
+    """``Σ_i D_iᵀ U_i`` as one matmul over all ``N·T`` rows: ``(M, K)``."""
+    return d.reshape(-1, d.shape[-1]).t() @ u.reshape(-1, u.shape[-1])
+
+
+def seq_sq_norms(u: Tensor, d: Tensor) -> Tensor:
+    """Per-sample ``‖D_iᵀ U_i‖²`` (float64 ``(N,)``): Gram matrices when ``T²(K+M) ≤ 2TKM``,
+    else the per-sample gradients in chunks of samples."""
+    n, t, k = u.shape
+    m = d.shape[-1]
+    if t * t * (k + m) <= 2 * t * k * m:
+        return _ghost_norms(u.unsqueeze(1), d.unsqueeze(1))
+    out = torch.zeros(n, dtype=torch.float64, device=u.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, k * m))
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        out[lo:hi] = sq_norms(torch.bmm(d[lo:hi].transpose(1, 2), u[lo:hi]))
+    return out
+
+
+def seq_inner(u: Tensor, d: Tensor, v: Tensor) -> Tensor:
+    """Per-sample ``⟨D_iᵀ U_i, V⟩ = Σ_t δ_it · (V u_it)`` (float64 ``(N,)``)."""
+    n = u.shape[0]
+    return torch.linalg.vecdot((u @ v.t()).reshape(n, -1), d.reshape(n, -1)).double()

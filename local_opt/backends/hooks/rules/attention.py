@@ -32,12 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from local_opt.backends.hooks.rules.affine import (
-    _gemm_inner,
-    _gemm_sum,
-    _ghost_norms,
-    _stream_norms,
-)
+from local_opt.backends.hooks.rules.affine import seq_inner, seq_sq_norms, seq_weight_sum
 from local_opt.backends.hooks.rules.base import LayerStats, Memory, Rule, Site, register, sq_norms
 from local_opt.backends.stack import in_backward
 
@@ -133,10 +128,10 @@ class MultiheadAttentionRule(Rule):
             pairs = by_tag.get(tag)
             if not pairs:
                 return None
-            # (L, N, ·) -> (1, N, L, ·), calls concatenated along the positions
+            # (L, N, ·) -> (N, L, ·), calls concatenated along the positions
             u = torch.cat([x.to(dtype).transpose(0, 1) for x, _ in pairs], 1)
             d = torch.cat([y.to(dtype).transpose(0, 1) for _, y in pairs], 1)
-            return u.unsqueeze(0).contiguous(), d.unsqueeze(0).contiguous()
+            return u.contiguous(), d.contiguous()
 
         for tag, sep, block in _PIECES:
             name = "in_proj_weight" if "in_proj_weight" in params else sep
@@ -149,9 +144,8 @@ class MultiheadAttentionRule(Rule):
                 g = torch.zeros((rows, w.shape[1]), dtype=w.dtype, device=w.device)
             else:
                 u, d = got
-                g = _gemm_sum(u, d)[0]
-                t, k, m = u.shape[2], u.shape[3], d.shape[3]
-                sq += _ghost_norms(u, d) if t * t * (k + m) <= 2 * t * k * m else _stream_norms(u, d)
+                g = seq_weight_sum(u, d)
+                sq += seq_sq_norms(u, d)
                 factors[tag] = (name, block if name == "in_proj_weight" else 0, u, d)
             grad_sum.setdefault(name, []).append(g)  # type: ignore[arg-type]
         for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
@@ -181,9 +175,8 @@ class MultiheadAttentionRule(Rule):
                 grad_sum["out_proj.weight"] = torch.zeros_like(out_w)
             else:
                 u, d = got
-                grad_sum["out_proj.weight"] = _gemm_sum(u, d)[0]
-                t, k, m = u.shape[2], u.shape[3], d.shape[3]
-                sq += _ghost_norms(u, d) if t * t * (k + m) <= 2 * t * k * m else _stream_norms(u, d)
+                grad_sum["out_proj.weight"] = seq_weight_sum(u, d)
+                sq += seq_sq_norms(u, d)
                 factors["out"] = ("out_proj.weight", 0, u, d)
         if out_b is not None:
             g = torch.zeros((n, *out_b.shape), dtype=out_b.dtype, device=out_b.device)
@@ -202,7 +195,7 @@ class MultiheadAttentionRule(Rule):
                 vw = v[name].to(u.dtype)
                 if name == "in_proj_weight":
                     vw = vw.chunk(3)[block]
-                res += _gemm_inner(u, d, vw).double()
+                res += seq_inner(u, d, vw)
             for name, g in per.items():
                 if name in v:
                     res += (g.reshape(n, -1) @ v[name].reshape(-1).to(g.dtype)).double()

@@ -56,7 +56,7 @@ def unfold_nd(
 
 def _group_patches(u: Tensor, groups: int) -> Tensor:
     u = u.reshape(u.shape[0], groups, u.shape[1] // groups, u.shape[2])  # (N, g, Kg, T)
-    return u.permute(1, 0, 3, 2).contiguous()  # (g, N, T, Kg)
+    return u.transpose(2, 3)  # (N, g, T, Kg), the layout of AffineRule.patches
 
 
 class Conv3dRule(ConvRule):

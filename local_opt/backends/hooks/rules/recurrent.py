@@ -22,12 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from local_opt.backends.hooks.rules.affine import (
-    _gemm_inner,
-    _gemm_sum,
-    _ghost_norms,
-    _stream_norms,
-)
+from local_opt.backends.hooks.rules.affine import seq_inner, seq_sq_norms, seq_weight_sum
 from local_opt.backends.hooks.rules.base import LayerStats, Memory, Rule, Site, register, sq_norms
 from local_opt.backends.stack import in_backward
 
@@ -118,17 +113,15 @@ class RecurrentRule(Rule):
                 grad_sum[name] = g.sum(0)
                 sq += sq_norms(g)
                 continue
-            u, d = u.unsqueeze(0), d.unsqueeze(0)
-            grad_sum[name] = _gemm_sum(u, d)[0]
-            t, k, m = u.shape[2], u.shape[3], d.shape[3]
-            sq += _ghost_norms(u, d) if t * t * (k + m) <= 2 * t * k * m else _stream_norms(u, d)
+            grad_sum[name] = seq_weight_sum(u, d)
+            sq += seq_sq_norms(u, d)
             factors[name] = (u, d)
 
         def inner(v: dict[str, Tensor]) -> Tensor:
             res = torch.zeros(n, dtype=torch.float64, device=sq.device)
             for name, (u, d) in factors.items():
                 if name in v:
-                    res += _gemm_inner(u, d, v[name].to(u.dtype)).double()
+                    res += seq_inner(u, d, v[name].to(u.dtype))
             for name, g in per.items():
                 if name in v:
                     res += (g @ v[name].to(g.dtype)).double()
