@@ -304,7 +304,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         "--epochs",
         type=float,
         default=None,
-        help="sample budget in passes over the training set (default: 20; 2.5 for lm)",
+        help="sample budget in passes over the training set (default: 20; 1.2 for lm)",
     )
     g.add_argument(
         "--budget-samples",
@@ -347,8 +347,16 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         "--eval-every-samples",
         type=int,
         default=0,
-        help="evaluate on validation only at the first round ending after each multiple of this "
-        "many samples (of all workers) (0: at every --eval-every round) (default: 0)",
+        help="validate only once this many more samples (of all workers) have been seen since "
+        "the last validation (0: at every --eval-every round) (default: 0)",
+    )
+    g.add_argument(
+        "--eval-growth",
+        type=float,
+        default=0.0,
+        help="validate only once the samples seen have grown by this fraction since the last "
+        "validation (or by --eval-every-samples, whichever is more): a relative resolution of "
+        "the samples and rounds to the target at a cost logarithmic in the budget (default: 0)",
     )
     g.add_argument(
         "--ckpt-every",
@@ -385,6 +393,7 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> argparse
         ("--test-fraction", 0.0 < args.test_fraction < 1.0),
         ("--val-fraction", 0.0 < args.val_fraction < 1.0 - args.test_fraction),
         ("--eval-every-samples", args.eval_every_samples >= 0),
+        ("--eval-growth", args.eval_growth >= 0),
         ("--context", args.context >= 1),
     ]
     for flag, ok in checks:

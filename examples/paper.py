@@ -12,8 +12,8 @@ per-worker batch size evolves differs:
     adaptive+coupling  the same, with the learning rate times local_opt.LRCoupling(--coupling)
 
 Tasks: digits (timm test_resnet, SGD, b0 = 16, cap 128, target 97 % validation accuracy) and lm
-(byte-level GPT on Python's documentation, AdamW, b0 = 4, cap 64, target validation loss 2.0
-nats/byte). Targets are checked on the validation split; the final metric at the equal sample
+(byte-level GPT on Python's documentation, AdamW, b0 = 4, cap 64, target validation loss 2.2
+nats/byte, validated after every 10 % growth of the samples seen). Targets are checked on the validation split; the final metric at the equal sample
 budget is measured on the test split, which nothing else looks at.
 
 Writes docs/results.md (tables: mean ± std over seeds of rounds, samples, bytes and wall time to
@@ -63,12 +63,12 @@ SETUPS: dict[str, dict[str, Any]] = {
         "target": "97 % validation accuracy",
     },
     "lm": {
-        "flags": ["--dataset", "lm", "--epochs", "2.5", "--target-loss", "2.0",
-                  "--eval-every-samples", "512"],  # fmt: skip
+        "flags": ["--dataset", "lm", "--epochs", "1.2", "--target-loss", "2.2",
+                  "--eval-every-samples", "64", "--eval-growth", "0.1"],  # fmt: skip
         "b0": 4,
         "cap": 64,
         "metric": "loss",
-        "target": "validation loss 2.0 nats/byte",
+        "target": "validation loss 2.2 nats/byte",
     },
 }
 
@@ -264,7 +264,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     """a / b with a run that never reached the target as infinitely late (None if a did not)."""
     if a is None:
         return None
-    return 0.0 if b is None else a / b
+    if b is None:
+        return 0.0
+    return a / b if b else (1.0 if a == b else math.inf)  # no communication (one worker)
 
 
 def criteria(
@@ -278,42 +280,46 @@ def criteria(
     seeds = sorted(ad)
     out = []
 
-    def check(name: str, values: list[float | None], ok: Any, fmt: str) -> None:
-        passed = bool(seeds) and all(v is not None and ok(v) for v in values)
-        shown = ", ".join("never" if v is None else format(v, fmt) for v in values)
+    def check(name: str, values: list[Any], ok: Any, fmt: str) -> None:
+        """values: a number per seed, None if adaptive never reached the target, a string if
+        the baseline did not run."""
+        passed = bool(seeds) and all(isinstance(v, float) and ok(v) for v in values)
+        shown = ", ".join(
+            "never" if v is None else v if isinstance(v, str) else format(v, fmt) for v in values
+        )
         out.append((name, passed, f"seeds {seeds}: {shown}"))
 
-    def get(runs: dict[int, dict[str, Any]], seed: int, key: str) -> Any:
-        return runs[seed][key] if seed in runs else None
+    def ratio(runs: dict[int, dict[str, Any]], seed: int, key: str) -> float | str | None:
+        """adaptive's value over the baseline's on one seed."""
+        return _ratio(ad[seed][key], runs[seed][key]) if seed in runs else "no run"
 
     check(
         f"rounds to target <= {ROUNDS_RATIO}x constant-small",
-        [_ratio(ad[k]["rounds_to_target"], get(small, k, "rounds_to_target")) for k in seeds],
+        [ratio(small, k, "rounds_to_target") for k in seeds],
         lambda v: v <= ROUNDS_RATIO,
         ".2f",
     )
     check(
         f"samples to target <= {SAMPLES_RATIO}x constant-large",
-        [_ratio(ad[k]["samples_to_target"], get(large, k, "samples_to_target")) for k in seeds],
+        [ratio(large, k, "samples_to_target") for k in seeds],
         lambda v: v <= SAMPLES_RATIO,
         ".2f",
     )
     key = final_key(task)
+    diffs = [float(ad[k][key] - small[k][key]) if k in small else "no run" for k in seeds]
     if SETUPS[task]["metric"] == "acc":
-        diffs = [ad[k][key] - get(small, k, key) if k in small else None for k in seeds]
         check(
             f"final test accuracy >= constant-small's - {ACC_POINTS} points",
             diffs, lambda v: v >= -ACC_POINTS, "+.2f",
         )  # fmt: skip
     else:
-        diffs = [ad[k][key] - get(small, k, key) if k in small else None for k in seeds]
         check(
             f"final test loss <= constant-small's + {LOSS_NATS} nats",
             diffs, lambda v: v <= LOSS_NATS, "+.3f",
         )  # fmt: skip
     check(
         "bytes to target < stagewise's",
-        [_ratio(ad[k]["bytes_to_target"], get(stage, k, "bytes_to_target")) for k in seeds],
+        [ratio(stage, k, "bytes_to_target") for k in seeds],
         lambda v: v < 1.0,
         ".2f",
     )

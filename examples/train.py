@@ -178,8 +178,9 @@ class Trainer:
         return extra["records"]
 
     def _next_eval_after(self, samples: int) -> int:
-        every = self.args.eval_every_samples
-        return (samples // every + 1) * every if every else 0
+        """The sample count from which the next validation is due, after one at ``samples``:
+        ``samples + max(S, g * samples)`` with S = --eval-every-samples, g = --eval-growth."""
+        return samples + max(self.args.eval_every_samples, int(self.args.eval_growth * samples))
 
     # ------------------------------------------------------------------------------ training
 

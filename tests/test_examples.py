@@ -26,6 +26,7 @@ import _common  # noqa: E402
 import compare  # noqa: E402
 import images  # noqa: E402
 import lm  # noqa: E402
+import paper  # noqa: E402
 import tasks  # noqa: E402
 import train  # noqa: E402
 
@@ -347,7 +348,8 @@ def test_lm_run_on_a_text_file(tmp_path: str) -> None:
     path.write_text("Local SGD averages models every few steps. " * 60)
     out = str(tmp_path / "run")
     argv = [*TINY_LM, "--text-file", str(path), "--strategy", "adaptive", "--eta", "0.5",
-            "--epochs", "1", "--target-loss", "5.0", "--out", out]  # fmt: skip
+            "--epochs", "1", "--target-loss", "5.0", "--out", out,
+            "--eval-every-samples", "8", "--eval-growth", "0.25"]  # fmt: skip
     summary = train.main(argv)
     size = len(path.read_bytes())
     n_train = size - int(size * 0.05) - int(size * 0.02)  # the lm task's default fractions
@@ -356,6 +358,15 @@ def test_lm_run_on_a_text_file(tmp_path: str) -> None:
     records = _common.read_jsonl(os.path.join(out, "metrics.jsonl"))
     losses = [r["val_loss"] for r in records if r["val_loss"] is not None]
     assert losses[-1] < losses[0]  # it learns the repeated sentence
+    # Validation rounds: the first round at or after last + max(8, 0.25 * last) samples, and
+    # the last round.
+    due, expected = 8, []
+    for r in records:
+        if r["samples"] >= due or r is records[-1]:
+            expected.append(r["round"])
+            due = r["samples"] + max(8, int(0.25 * r["samples"]))
+    assert [r["round"] for r in records if r["val_loss"] is not None] == expected
+    assert len(expected) < len(records) / 2
     assert summary["final_test_ppl"] == pytest.approx(np.exp(summary["final_test_loss"]))
     # The target is a validation loss: the first round at or below 5.0 nats.
     first = next(r for r in records if r["val_loss"] is not None and r["val_loss"] <= 5.0)
@@ -363,3 +374,57 @@ def test_lm_run_on_a_text_file(tmp_path: str) -> None:
     assert summary["target_metric"] == "val_loss"
     with open(os.path.join(out, "plot.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------------- harness
+def _summary(rounds: int | None, samples: int | None, sent: int | None, final: float) -> dict:
+    return {"rounds_to_target": rounds, "samples_to_target": samples, "bytes_to_target": sent,
+            "final_test_loss": final, "final_test_acc": final}  # fmt: skip
+
+
+def test_paper_criteria_pass_and_fail_per_seed() -> None:
+    runs = {
+        "constant-small": {0: _summary(100, 6400, 900, 1.70), 1: _summary(80, 5120, 700, 1.70)},
+        "constant-large": {0: _summary(10, 20000, 90, 2.00), 1: _summary(12, 24000, 100, 2.00)},
+        "stagewise": {0: _summary(60, 9000, 500, 1.72), 1: None},
+        "adaptive": {0: _summary(50, 12000, 400, 1.72), 1: _summary(30, 9000, 300, 1.74)},
+    }
+    runs["stagewise"] = {0: runs["stagewise"][0]}  # seed 1 never ran: its criterion fails
+    got = {name: (ok, detail) for name, ok, detail in paper.criteria("lm", runs)}
+    rounds, samples, final, sent = (got[k] for k in sorted(got, key=list(got).index))
+    assert rounds == (True, "seeds [0, 1]: 0.50, 0.38")  # <= 0.5x on both seeds
+    assert samples == (True, "seeds [0, 1]: 0.60, 0.38")
+    assert final == (False, "seeds [0, 1]: +0.020, +0.040")  # seed 1 is 0.04 nats worse
+    assert sent == (False, "seeds [0, 1]: 0.80, no run")
+    runs["adaptive"][0]["rounds_to_target"] = None  # a seed that never reaches the target fails
+    assert paper.criteria("lm", runs)[0][1] is False
+
+
+def test_paper_ramp_uses_half_the_budget() -> None:
+    args = paper.build_parser().parse_args([])
+    argv = paper.strategy_argv("digits", "linear", 0, args, budget=28800)
+    rounds = int(argv[argv.index("--ramp-rounds") + 1])
+    used = sum(2 * 8 * (16 + (128 - 16) * r / rounds) for r in range(rounds))
+    assert 0.45 * 28800 <= used <= 0.55 * 28800
+
+
+@pytest.mark.timeout(300)
+def test_paper_end_to_end_on_a_tiny_corpus(tmp_path: str) -> None:
+    path = tmp_path / "t.txt"
+    path.write_text("Adaptive batch sizes grow as the gradient noise allows. " * 40)
+    docs = str(tmp_path / "docs")
+    verdicts = paper.main([
+        "--nproc", "1", "--tasks", "lm", "--seeds", "0", "--strategies", "constant-small",
+        "constant-large", "stagewise", "adaptive", "--out", str(tmp_path / "runs"), "--docs", docs,
+        "--", *TINY_LM[2:], "--text-file", str(path), "--target-loss", "5.3", "--epochs", "0.3",
+    ])  # fmt: skip
+    assert len(verdicts) == 4 and all(" PASS " in v or " FAIL " in v for v in verdicts)
+    text = open(os.path.join(docs, "results.md")).read()
+    assert "| constant-small |" in text and "| adaptive |" in text and "commit `" in text
+    with open(os.path.join(docs, "paper_lm.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # --report-only rebuilds the same verdicts from the runs on disk.
+    again = paper.main(["--tasks", "lm", "--seeds", "0", "--strategies", "constant-small",
+                        "constant-large", "stagewise", "adaptive", "--out", str(tmp_path / "runs"),
+                        "--docs", docs, "--report-only"])  # fmt: skip
+    assert again == verdicts
