@@ -409,14 +409,31 @@ def git_commit() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def report(args: argparse.Namespace, elapsed: float | None, commit: str) -> str:
+def produced_by(args: argparse.Namespace, commit: str) -> str:
+    """Which commits produced the runs in the report (from --out/commits.json)."""
+    path = os.path.join(args.out, "commits.json")
+    commits = _common.read_json(path) if os.path.exists(path) else {}
+    by_commit: dict[str, list[str]] = {}
+    for task in args.tasks:
+        for strategy in args.strategies:
+            for seed in args.seeds:
+                key = os.path.relpath(run_dir(args, task, strategy, seed), args.out)
+                by_commit.setdefault(commits.get(key, "unknown"), []).append(key)
+    if len(by_commit) <= 1:
+        return f"at commit `{next(iter(by_commit), commit)}`"
+    parts = [f"`{c}` ({len(keys)} runs: {', '.join(sorted({k.split(os.sep)[1] for k in keys}))})"
+             for c, keys in by_commit.items()]  # fmt: skip
+    return "with the runs of these commits: " + "; ".join(parts) + f"; report at `{commit}`"
+
+
+def report(args: argparse.Namespace, elapsed: float | None, commit: str) -> list[str]:
     """Write docs/results.md and the figures; return the criteria lines."""
     runs = load_runs(args)
     os.makedirs(args.docs, exist_ok=True)
     md = [
         "# Results: adaptive batch sizes against schedules (`make paper`)",
         "",
-        f"Produced by `examples/paper.py` at commit `{commit}`"
+        f"Produced by `examples/paper.py` {produced_by(args, commit)}"
         + (f" in {elapsed / 60:.0f} minutes" if elapsed else "")
         + f", M = {args.nproc} gloo workers on CPU, H = {args.sync_every} local steps per round, "
         f"seeds {' '.join(map(str, args.seeds))}.",
@@ -506,6 +523,12 @@ def main(argv: list[str] | None = None) -> list[str]:
                         os.remove(os.path.join(folder, "summary.json"))
                     argvs.append(strategy_argv(task, strategy, seed, args, budgets[task]))
         print(f"paper.py: {len(argvs)} runs, budgets {budgets}, commit {commit}", flush=True)
+        commits_path = os.path.join(args.out, "commits.json")
+        commits = _common.read_json(commits_path) if os.path.exists(commits_path) else {}
+        for argv in argvs:  # which code produced which run (--resume mixes commits)
+            commits[os.path.relpath(argv[argv.index("--out") + 1], args.out)] = commit
+        os.makedirs(args.out, exist_ok=True)
+        _common.write_json(commits_path, commits)
         start = time.perf_counter()
         launch.launch(run_all, (argvs,), args.nproc, timeout=900)
         elapsed = time.perf_counter() - start
