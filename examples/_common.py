@@ -104,7 +104,9 @@ def rounds_to_target(
     (``>=`` when ``higher_is_better``, else ``<=``); None entries if none does."""
     for r in records:
         v = r.get(key)
-        if target is not None and v is not None and (v >= target if higher_is_better else v <= target):
+        if target is None or v is None:
+            continue
+        if v >= target if higher_is_better else v <= target:
             return {
                 "rounds_to_target": r["round"],
                 "samples_to_target": r["samples"],

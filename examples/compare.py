@@ -219,7 +219,8 @@ def _fmt(v: Any, spec: str = "") -> str:
 
 def table(summaries: list[dict[str, Any]], target: float) -> str:
     head = (
-        f"| strategy | rounds to {target:g}% (val) | final test acc (%) | best val (%) | rounds | samples "
+        f"| strategy | rounds to {target:g}% (val) | final test acc (%) | best val (%) | rounds "
+        "| samples "
         "| final b | MB sent per worker | wall time (s) |"
     )
     lines = [head, "|" + "---|" * 9]

@@ -133,7 +133,8 @@ def load_digits_data(
     perm = torch.randperm(len(targets), generator=torch.Generator().manual_seed(split_seed))
     n_test = int(round(test_fraction * len(targets)))
     n_val = int(round(val_fraction * len(targets)))
-    test_idx, val_idx, train_idx = perm[:n_test], perm[n_test : n_test + n_val], perm[n_test + n_val :]
+    test_idx, val_idx = perm[:n_test], perm[n_test : n_test + n_val]
+    train_idx = perm[n_test + n_val :]
     mean, std = images[train_idx].mean(), images[train_idx].std()
     images = (images - mean) / std
     return ImageData(

@@ -4,18 +4,20 @@ Text: by default the English documentation topics that ship with Python itself
 (``pydoc_data.topics``, the text ``help("assert")`` shows; about 0.47 MB), loaded with
 ``importlib`` — real English prose with code samples, on every machine that has Python, never
 downloaded. ``--text-file PATH`` trains on any UTF-8 (or other) file instead. The text is read as
-bytes (vocabulary of 256, no tokenizer to fit) and cut into three contiguous parts (training, then validation, then test), so
-no window of one part overlaps another.
+bytes (vocabulary of 256, no tokenizer to fit) and cut into three contiguous parts (training,
+then validation, then test), so no window of one part overlaps another.
 
 A sample is a window of ``context + 1`` bytes; the model reads the first ``context`` and predicts
 each next byte. Training windows start every ``context`` bytes (non-overlapping inputs), so an
 epoch is one pass over the training text.
 
 Model: a decoder-only transformer in the style of GPT-2 / nanoGPT written with ``torch.nn``:
-token embeddings and a learned position embedding (a bare parameter broadcast over the batch), pre-LayerNorm blocks of causal multi-head self-attention
+token embeddings and a learned position embedding (a bare parameter broadcast over the batch),
+pre-LayerNorm blocks of causal multi-head self-attention
 (``F.scaled_dot_product_attention(is_causal=True)``) and a GELU MLP, a final LayerNorm and a linear
-head (not tied to the embedding, so every parameter belongs to one Linear, Embedding or LayerNorm,
-the layers whose per-sample gradient norms ``VarianceTest``'s hooks backend computes exactly).
+head. The head is not tied to the embedding, so every parameter belongs to one Linear, Embedding
+or LayerNorm (or is the broadcast position embedding): the layers whose per-sample gradient norms
+``VarianceTest``'s hooks backend computes exactly.
 """
 
 from __future__ import annotations

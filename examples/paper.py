@@ -13,8 +13,9 @@ per-worker batch size evolves differs:
 
 Tasks: digits (timm test_resnet, SGD, b0 = 16, cap 128, target 97 % validation accuracy) and lm
 (byte-level GPT on Python's documentation, AdamW, b0 = 4, cap 64, target validation loss 2.2
-nats/byte, validated after every 10 % growth of the samples seen). Targets are checked on the validation split; the final metric at the equal sample
-budget is measured on the test split, which nothing else looks at.
+nats/byte, validated after every 10 % growth of the samples seen). Targets are checked on the
+validation split; the final metric at the equal sample budget is measured on the test split,
+which nothing else looks at.
 
 Writes docs/results.md (tables: mean ± std over seeds of rounds, samples, bytes and wall time to
 the target, final test metric; the goal of issue 14 checked per criterion per task) and one
@@ -177,7 +178,8 @@ def strategy_argv(
         "constant-small": ["--strategy", "constant", "--batch-size", str(b0)],
         "constant-large": ["--strategy", "constant", "--batch-size", str(cap)],
         "stagewise": ["--strategy", "stagewise", "--batch-size", str(b0), "--factor", "2",
-                      "--milestones", *map(str, compare.stagewise_milestones(budget, m, h, b0, cap))],
+                      "--milestones",
+                      *map(str, compare.stagewise_milestones(budget, m, h, b0, cap))],
         # The ramp's rounds use about half the budget: R * M * H * (b0 + cap) / 2 = budget / 2.
         "linear": ["--strategy", "linear", "--batch-size", str(b0),
                    "--ramp-rounds", str(max(1, math.ceil(budget / (m * h * (b0 + cap)))))],
@@ -355,7 +357,8 @@ def pareto_figure(task: str, by_strategy: dict[str, dict[int, dict[str, Any]]], 
         for j, seed in enumerate(sorted(runs)):
             s = runs[seed]
             target = s.get("target")
-            pts = [(r["round"], r["samples"], r[key]) for r in s["records"] if r.get(key) is not None]
+            pts = [(r["round"], r["samples"], r[key]) for r in s["records"]
+                   if r.get(key) is not None]  # fmt: skip
             values += [p[2] for p in pts]
             style = dict(color=c, lw=1.4 if j == 0 else 0.6, alpha=1.0 if j == 0 else 0.45)
             label = strategy if j == 0 else None
@@ -402,8 +405,8 @@ def git_commit() -> str:
     try:
         head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        status = ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"]
+        dirty = subprocess.run(status, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
@@ -445,7 +448,7 @@ def report(args: argparse.Namespace, elapsed: float | None, commit: str) -> list
         "|---|---|",
         "| constant-small | b0 throughout |",
         "| constant-large | the cap throughout |",
-        "| stagewise | b0, doubled at milestones that give each stage an equal share of the budget |",
+        "| stagewise | b0, doubled at milestones giving each stage an equal share of the budget |",
         "| linear | from b0 to the cap, linearly over the rounds that use half the budget |",
         "| adaptive | `VarianceTest` with the library's defaults (no threshold or policy passed) |",
         f"| adaptive+coupling | the same, learning rate × `LRCoupling(\"{args.coupling}\")` |",
