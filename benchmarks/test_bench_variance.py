@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from _ratio import interleaved_ratio, quick, record
 from torch import nn
 
-from local_opt._backend_hooks import StatsCapture, hooks_grad_stats
+from local_opt.backends.hooks import StatsCapture, hooks_grad_stats
 
 MODELS = ["resnet18", "vit_tiny"]
 THREADS = int(os.environ.get("LOCAL_OPT_BENCH_THREADS", "1"))
@@ -110,7 +110,7 @@ def peak_child(name: str, method: str, batch: int) -> None:
     import ctypes
     import gc
 
-    from local_opt._backend_hooks import release_workspaces
+    from local_opt.backends.hooks import release_workspaces
 
     torch.set_num_threads(THREADS)
     model, x, y = make(name, batch, train=method != "vmap" or name != "resnet18")

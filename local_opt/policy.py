@@ -5,7 +5,7 @@ them into the next batch size. Two policies:
 
 * ``"paper"`` — the published tests of `Lau et al., 2024 <https://arxiv.org/abs/2406.13936>`_
   as they are: one round's variances over :math:`\lVert\bar g\rVert^2`, :math:`b' =
-  \lceil\cdot\rceil`, ``min(cap, max(b, b'))``. Computed by :func:`local_opt.variance.raw_batch_sizes`.
+  \lceil\cdot\rceil`, ``min(cap, max(b, b'))``. Computed by :func:`local_opt._stats.raw_batch_sizes`.
 * ``"smoothed"`` (the default) — the same tests on estimates that are unbiased and averaged over
   rounds, the way the gradient noise scale is measured in practice (McCandlish et al., 2018,
   `An Empirical Model of Large-Batch Training <https://arxiv.org/abs/1812.06162>`_, appendix A;
@@ -19,9 +19,10 @@ them into the next batch size. Two policies:
 
   then each numerator (:math:`V_{\text{norm}}`, :math:`V_{\text{ip}}/\lVert\bar g\rVert^2`,
   :math:`V_\perp`) and the denominator :math:`\widehat{|G|^2}` enter their own bias-corrected
-  exponential moving average (:class:`EMA`, Adam's correction :math:`1/(1-\beta^t)`), an
-  observation more than ``outlier_ratio`` times away from its average is clipped to that ratio
-  (:func:`clip_ratio`), and the test asks for the ratio of the averages, e.g.
+  exponential moving average (:class:`EMA`, Adam's correction :math:`1/(1-\beta^t)`), after
+  this round's :math:`\widehat{|G|^2}` is adjusted so that its noise scale is within
+  ``outlier_ratio`` of the averaged one (:func:`robust_sq_norm`), and the test asks for the
+  ratio of the averages, e.g.
   :math:`b' = \overline V / (M\eta^2\,\overline{|G|^2})`. With :math:`\eta = 1` that is the
   simple noise scale :math:`B_{\text{simple}} = \operatorname{tr}\Sigma/|G|^2` split over the
   :math:`M` workers. :func:`next_batch_size` then applies hysteresis, a growth limit per round,
@@ -37,6 +38,7 @@ __all__ = [
     "EMA",
     "debiased_sq_norm",
     "clip_ratio",
+    "robust_sq_norm",
     "next_batch_size",
     "adascale_gain",
 ]
@@ -105,14 +107,28 @@ def debiased_sq_norm(mean_sq_norm: float, variance: float, samples: int, floor: 
 
 
 def clip_ratio(x: float, reference: float, ratio: float | None) -> float:
-    """``x`` clipped to ``[reference / ratio, reference * ratio]`` (unchanged if no reference).
-
-    Robustness of the moving averages: one round whose estimate is far from the average so far
-    (a noisy |G|² near its floor, a loss spike) moves the average by at most a bounded factor.
-    """
+    """``x`` clipped to ``[reference / ratio, reference * ratio]`` (unchanged if no reference)."""
     if ratio is None or not math.isfinite(reference) or reference <= 0:
         return x
     return min(max(x, reference / ratio), reference * ratio)
+
+
+def robust_sq_norm(
+    variance: float, sq_norm: float, noise_scale: float, ratio: float | None
+) -> float:
+    r"""This round's :math:`\widehat{|G|^2}`, raised or lowered so that its noise scale
+    :math:`V/\widehat{|G|^2}` is within ``ratio`` of the moving average's ``noise_scale``.
+
+    Robustness of the moving averages: one round whose :math:`|G|^2` estimate is far off (near
+    its floor when the noise dominates; FINDINGS measured a jump of the smoothed noise scale from
+    27 to 104 in one round) moves the averaged noise scale by a bounded factor. The clip acts on
+    the ratio, which has no units: when the gradient and its noise shrink together by orders of
+    magnitude (as the loss falls), nothing is clipped. Clipping each average separately would
+    instead freeze them at their old scale.
+    """
+    if variance <= 0 or sq_norm <= 0:
+        return sq_norm
+    return variance / clip_ratio(variance / sq_norm, noise_scale, ratio)
 
 
 def next_batch_size(

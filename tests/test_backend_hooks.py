@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from local_opt._backend_hooks import (
+from local_opt._stats import pool
+from local_opt.backends.hooks import (
     StatsCapture,
     hooks_grad_stats,
     hooks_stats,
@@ -25,7 +26,6 @@ from local_opt._backend_hooks import (
     supports,
     unsupported_layers,
 )
-from local_opt._stats import pool
 
 MODES = ["auto", "ghost", "keep", "stream"]
 

@@ -16,8 +16,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from local_opt import LRCoupling, VarianceTest
-from local_opt.policy import EMA, adascale_gain, clip_ratio, debiased_sq_norm, next_batch_size
-from local_opt.variance import raw_batch_sizes
+from local_opt._stats import raw_batch_sizes
+from local_opt.policy import (
+    EMA,
+    adascale_gain,
+    clip_ratio,
+    debiased_sq_norm,
+    next_batch_size,
+    robust_sq_norm,
+)
 
 D = 6
 
@@ -90,12 +97,16 @@ def test_debiased_sq_norm_is_unbiased_and_floored():
     assert debiased_sq_norm(2.0, 40.0, 8, 0.01) == 0.02  # noise dominates: the floor
 
 
-def test_clip_ratio():
+def test_clip_ratio_and_robust_sq_norm():
     assert clip_ratio(100.0, 10.0, 4.0) == 40.0
     assert clip_ratio(1.0, 10.0, 4.0) == 2.5
     assert clip_ratio(12.0, 10.0, 4.0) == 12.0
     assert clip_ratio(100.0, math.nan, 4.0) == 100.0  # no average yet
     assert clip_ratio(100.0, 10.0, None) == 100.0
+    # noise scale 50 / 0.5 = 100 against an average of 10: |G|^2 raised to 50 / 40
+    assert robust_sq_norm(50.0, 0.5, 10.0, 4.0) == 50.0 / 40.0
+    assert robust_sq_norm(50.0, 5.0, 10.0, 4.0) == 5.0  # within the ratio
+    assert robust_sq_norm(1e-6, 1e-7, 10.0, 4.0) == 1e-7  # a smaller scale alone is no outlier
 
 
 @pytest.mark.parametrize(
@@ -225,14 +236,30 @@ def test_smoothed_policy_clips_outliers_and_limits_growth():
     model, x, y = least_squares(noise=0.3)
     vt = VarianceTest(model, F.mse_loss, max_batch_size=1000)
     b = vt.suggest(x, y, 4)
-    first = vt.last_stats["smoothed_variance"]
+    v1, g1 = vt.last_stats["smoothed_variance"], vt.last_stats["smoothed_sq_norm"]
     assert b <= 8  # growth limit 2x per round (default)
-    # A round with 100x the noise: the observation is clipped to 4x the average (defaults:
-    # outlier_ratio 4, smoothing 0.9), so the average becomes (0.9*0.1 + 0.1*4) / (1 - 0.9^2).
-    vt.suggest(x, y + 100 * torch.randn_like(y), b)
-    assert vt.last_stats["norm_variance"] > 100 * first
-    second = vt.last_stats["smoothed_variance"]
-    assert second == pytest.approx(first * (0.09 + 0.4) / 0.19, rel=1e-12)
+    # A round whose gradients nearly cancel (pairs with opposite residuals): its |G|^2 is
+    # raised so that its noise scale is 4x the average's (defaults: outlier_ratio 4,
+    # smoothing 0.9), then both averages move.
+    w = model.weight.detach()[0]
+    y_opposite = (2 * x @ w)[:, None] - y + 1e-3 * torch.randn_like(y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vt.suggest(torch.cat([x, x]), torch.cat([y, y_opposite]), b)
+    s = vt.last_stats
+    v2 = s["norm_variance"]
+    assert v2 / s["sq_norm_debiased"] > 4 * v1 / g1  # an outlier indeed
+    g2 = v2 / (4 * v1 / g1)
+    assert s["smoothed_variance"] == pytest.approx((0.09 * v1 + 0.1 * v2) / 0.19, rel=1e-12)
+    assert s["smoothed_sq_norm"] == pytest.approx((0.09 * g1 + 0.1 * g2) / 0.19, rel=1e-12)
+    # Gradients 10^4 times smaller with the same noise scale (x, y scaled by 0.01): no clip,
+    # the averaged noise scale does not move although each average does.
+    vt = VarianceTest(model, F.mse_loss)
+    vt.suggest(x, y, 4)
+    ns = vt.last_stats["noise_scale"]
+    vt.suggest(0.01 * x, 0.01 * y, 4)
+    assert vt.last_stats["noise_scale"] == pytest.approx(ns, rel=1e-9)
+    assert vt.last_stats["smoothed_variance"] == pytest.approx(0.09 / 0.19 * v1, rel=1e-6)
 
 
 def test_cap_always_wins():
@@ -324,3 +351,62 @@ def test_lr_coupling_composes_with_lambda_lr():
     size["b"] = 16
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 * 2.0)
+
+
+# ------------------------------------------------------------------ BatchNorm in train mode
+
+
+class _BNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+def _bn_setup(rank: int, b: int = 10):
+    torch.manual_seed(0)
+    model = _BNNet().double().train()
+    gen = torch.Generator().manual_seed(50 + rank)
+    x = torch.randn(b, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (b,), generator=gen)
+    return model, x, y
+
+
+def _bn_worker(rank: int, world: int) -> dict:
+    model, x, y = _bn_setup(rank)
+    out = {}
+    for stats in ("worker", "backend"):
+        vt = VarianceTest(model, F.cross_entropy, batch_statistics=stats, policy="paper", eta=1)
+        vt.suggest(x, y, len(y))
+        out[stats] = {k: vt.last_stats[k] for k in ("backend", "count", "norm_variance")}
+    out["default"] = VarianceTest(model, F.cross_entropy).batch_statistics
+    return out
+
+
+def test_batchnorm_train_uses_the_workers_batch_gradients():
+    """With batch statistics, the units are the workers' batch gradients (BatchNorm as trained)."""
+    from dist_utils import run_distributed
+
+    grads = []
+    for rank in range(2):
+        model, x, y = _bn_setup(rank)
+        g = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+        grads.append(torch.cat([t.reshape(-1) for t in g]))
+    # unbiased per-sample variance from M = 2 units of b = 10 samples: b * ||G0 - G1||^2 / 2
+    want = 10 * float((grads[0] - grads[1]).pow(2).sum()) / 2
+    r0, r1 = run_distributed(_bn_worker, 2)
+    for r in (r0, r1):
+        assert r["worker"]["backend"] == "worker" and r["worker"]["count"] == 2
+        assert r["worker"]["norm_variance"] == pytest.approx(want, rel=1e-10)
+        assert r["backend"]["backend"] == "hooks"  # the backend's own per-sample contributions
+        assert r["default"] == "worker"
+    # One process: no second worker, the backend's own definition.
+    model, x, y = _bn_setup(0)
+    vt = VarianceTest(model, F.cross_entropy)
+    vt.suggest(x, y, 10)
+    assert vt.last_stats["backend"] == "hooks"
+    assert VarianceTest(model, F.cross_entropy, policy="paper").batch_statistics == "backend"
+    with pytest.raises(ValueError, match="batch_statistics"):
+        VarianceTest(model, F.cross_entropy, batch_statistics="sample")

@@ -17,9 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from dist_utils import run_distributed
 
-from local_opt import _stats, variance
-from local_opt._backend_microbatch import micro_batch_grads, microbatch_stats
-from local_opt._backend_vmap import per_sample_grads, uses_batch_statistics, vmap_stats
+from local_opt import _stats, backends
+from local_opt.backends.microbatch import micro_batch_grads, microbatch_stats
+from local_opt.backends.vmap import per_sample_grads, uses_batch_statistics, vmap_stats
 from local_opt.variance import VarianceTest
 
 TESTS = ("norm", "inner_product", "augmented")
@@ -471,12 +471,12 @@ def test_auto_prefers_registered_exact_backend(setup, monkeypatch):
 
     def fake(model, loss_fn, inputs, targets, **opts):
         seen.append(sorted(opts))
-        return variance._BACKENDS["vmap"](model, loss_fn, inputs, targets, **opts)
+        return backends.REGISTRY["vmap"](model, loss_fn, inputs, targets, **opts)
 
-    monkeypatch.setitem(variance._BACKENDS, "fake", fake)
-    monkeypatch.setattr(variance, "_AUTO_PREFERENCE", [("fake", lambda m: m is model)])
-    assert variance._resolve_backend(model) == "fake"
-    assert variance._resolve_backend(nn.Linear(2, 2)) == "vmap"
+    monkeypatch.setitem(backends.REGISTRY, "fake", fake)
+    monkeypatch.setattr(backends, "AUTO_PREFERENCE", [("fake", lambda m: m is model)])
+    assert backends.resolve("auto", model) == "fake"
+    assert backends.resolve("auto", nn.Linear(2, 2)) == "vmap"
     vt = VarianceTest(model, F.cross_entropy, **consts)
     vt.suggest(x, y, B)
     assert vt.last_stats["backend"] == "fake" and seen

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vjp, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from local_opt._stats import GradStats
+from local_opt._stats import GradStats, reduce_units
 
 __all__: list[str] = []  # private module
 
@@ -224,48 +224,39 @@ def stats_from_chunks(
             (enough for the norm test).
         store_bytes: keep the flattened per-sample gradients between the passes up to this size.
     """
-    count = 0
     grad_sum: list[Tensor] = []
-    sq_norm_sum: Tensor | None = None
+    sq_norms: list[Tensor] = []
     stored: list[Tensor] = []
     keep = inner_products
     nbytes = 0
     for grads in chunks():
         c = grads[0].shape[0]
-        count += c
         sums = [g.sum(0) for g in grads]
         grad_sum = sums if not grad_sum else [a.add_(b) for a, b in zip(grad_sum, sums)]
-        sq = torch.stack([g.double().pow(2).sum() for g in grads]).sum()
-        sq_norm_sum = sq if sq_norm_sum is None else sq_norm_sum + sq
+        sq = torch.stack([g.double().pow(2).reshape(c, -1).sum(1) for g in grads])
+        sq_norms.append(sq.sum(0))
         if keep:
             nbytes += sum(g.numel() * g.element_size() for g in grads)
             if nbytes <= store_bytes:
                 stored.append(torch.cat([g.reshape(c, -1) for g in grads], dim=1))
             else:
                 keep, stored = False, []
-    if sq_norm_sum is None:
+    if not sq_norms:
         raise ValueError("Invalid inputs: the batch is empty")
 
-    def inner_sq_sum(v: Sequence[Tensor]) -> Tensor:
-        if not inner_products:
-            return torch.tensor(float("nan"), dtype=torch.float64)
+    def dots(v: Sequence[Tensor]) -> Tensor:
         if keep:
             flat_v = torch.cat([t.reshape(-1) for t in v]).double()
-            return torch.stack([(f.double() @ flat_v).pow(2).sum() for f in stored]).sum()
-        total = torch.zeros((), dtype=torch.float64, device=v[0].device)
+            return torch.cat([f.double() @ flat_v for f in stored])
+        parts = []
         for grads in chunks():
             c = grads[0].shape[0]
-            dots = sum(g.reshape(c, -1).double() @ u.reshape(-1).double() for g, u in zip(grads, v))
-            total += dots.pow(2).sum()  # type: ignore[union-attr]
-        return total
+            parts.append(
+                sum(g.reshape(c, -1).double() @ u.reshape(-1).double() for g, u in zip(grads, v))
+            )
+        return torch.cat(parts)  # type: ignore[arg-type]
 
-    return GradStats(
-        count=count,
-        unit_size=1,
-        grad_sum=grad_sum,
-        sq_norm_sum=sq_norm_sum,
-        inner_sq_sum=inner_sq_sum,
-    )
+    return reduce_units(grad_sum, torch.cat(sq_norms), dots if inner_products else None)
 
 
 def vmap_stats(

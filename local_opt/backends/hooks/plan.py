@@ -1,0 +1,151 @@
+r"""Planning for the hooks backend: which modules and parameters a pass covers.
+
+:func:`plan_model` walks the model once and sorts every trainable parameter into
+
+* a :class:`~local_opt.backends.hooks.rules.Site`: a module whose class has a rule
+  (:func:`~local_opt.backends.hooks.rules.find_rule`) and whose trainable parameters are the ones
+  the rule handles;
+* a *bare* broadcast parameter: owned by a module without a rule, first dimension 1 and at least
+  two dimensions (timm ViT's ``cls_token``, ``pos_embed``); the pass uses ``N`` per-sample copies
+  of it and autograd returns its per-sample gradients directly (:func:`validate_bare` checks once
+  per model that the copies leave the output unchanged);
+* or *missing*: a description of why it is not covered (no rule, unexpected parameters, shared
+  between modules). :func:`unsupported_layers` returns those.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from local_opt.backends.hooks.rules import Site, find_rule
+
+__all__: list[str] = []  # private module
+
+# Models whose bare broadcast parameters were checked, with the names checked.
+_VALIDATED: weakref.WeakKeyDictionary[nn.Module, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+def _is_broadcast(p: Tensor) -> bool:
+    return p.dim() >= 2 and p.shape[0] == 1
+
+
+def plan_model(model: nn.Module) -> tuple[list[Site], list[tuple[str, nn.Parameter]], list[str]]:
+    """Covered sites, bare broadcast parameters, and descriptions of what is not covered."""
+    sites: list[Site] = []
+    bare: list[tuple[str, nn.Parameter]] = []
+    missing: list[str] = []
+    modules = list(model.named_modules())
+    owners: dict[int, list[str]] = {}
+    for mname, module in modules:
+        for n, p in module._parameters.items():
+            if p is not None and p.requires_grad:
+                owners.setdefault(id(p), []).append(f"{mname}.{n}" if mname else n)
+    for mname, module in modules:
+        trainable = {
+            n: p for n, p in module._parameters.items() if p is not None and p.requires_grad
+        }
+        if not trainable:
+            continue
+        cls = type(module).__name__
+        shared = [q for p in trainable.values() for q in owners[id(p)] if len(owners[id(p)]) > 1]
+        if shared:
+            missing.append(
+                f"{mname or '<root>'} ({cls}: parameter shared as {sorted(set(shared))})"
+            )
+            continue
+        rule = find_rule(module)
+        if rule is not None:
+            reason = rule.unsupported(module)
+            extra = [n for n in trainable if n not in rule.param_names]
+            if reason is None and not extra:
+                sites.append(Site(mname, module, rule, trainable))
+            else:
+                why = reason or f"unexpected parameters {extra}"
+                missing.append(f"{mname or '<root>'} ({cls}: {why})")
+            continue
+        other = [n for n, p in trainable.items() if not _is_broadcast(p)]
+        if other:
+            missing.append(f"{mname or '<root>'} ({cls}: parameters {other} have no rule)")
+        for n, p in trainable.items():
+            if _is_broadcast(p):
+                bare.append((f"{mname}.{n}" if mname else n, p))
+    return sites, bare, missing
+
+
+def unsupported_layers(model: nn.Module) -> list[str]:
+    r"""What the hooks backend cannot handle in ``model`` (empty when it covers the model).
+
+    Each entry names a module (qualified name and class) that owns trainable parameters directly
+    and has no per-layer rule, or a bare trainable parameter that is not broadcast along the batch
+    dimension, or a parameter shared between modules.
+
+    Args:
+        model (nn.Module): the model.
+
+    Example::
+
+        >>> bad = unsupported_layers(model)
+        >>> if bad:
+        ...     warnings.warn(f"hooks backend does not cover {bad[0]}; using vmap")
+    """
+    return plan_model(model)[2]
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether the hooks backend covers ``model`` (:func:`unsupported_layers` is empty)."""
+    return not unsupported_layers(model)
+
+
+def expand_bare(p: Tensor, n: int) -> Tensor:
+    return p.detach().expand(n, *p.shape[1:]).clone().requires_grad_(True)
+
+
+def validate_bare(
+    model: nn.Module,
+    args: tuple[Tensor, ...],
+    expanded: dict[str, Tensor],
+    saved: dict[str, Tensor],
+) -> None:
+    """Check once that per-sample copies of the bare parameters leave the output unchanged."""
+    devices = [t.device for t in args if t.is_cuda]
+    with torch.no_grad():
+        with torch.random.fork_rng(devices=devices):
+            ref = model(*args)
+        with torch.random.fork_rng(devices=devices):
+            for k, b in model.named_buffers():
+                b.copy_(saved[k])
+            got = torch.func.functional_call(model, expanded, args, strict=False)
+        for k, b in model.named_buffers():
+            b.copy_(saved[k])
+    refs, gots = _tensors(ref), _tensors(got)
+    ok = len(refs) == len(gots) and all(
+        r.shape == g.shape
+        and torch.allclose(r, g, rtol=1e-4, atol=1e-6 * (1 + r.abs().max().item()))
+        for r, g in zip(refs, gots)
+    )
+    if not ok:
+        raise RuntimeError(
+            f"The hooks backend cannot handle the bare parameters {sorted(expanded)}: per-sample "
+            "copies change the model's output (they are not broadcast along the batch "
+            "dimension); use the vmap or micro-batch backend"
+        )
+    _VALIDATED[model] = frozenset(expanded)
+
+
+def _tensors(x: Any) -> list[Tensor]:
+    if isinstance(x, Tensor):
+        return [x]
+    if isinstance(x, dict):
+        x = list(x.values())
+    if isinstance(x, (list, tuple)):
+        return [t for item in x for t in _tensors(item)]
+    return []
+
+
+def owner_of(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
+    path, _, name = qualified.rpartition(".")
+    return (model.get_submodule(path) if path else model), name

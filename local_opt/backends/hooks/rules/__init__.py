@@ -1,0 +1,31 @@
+"""Per-layer rules of the hooks backend, one module per layer family.
+
+:mod:`.base` holds the :class:`Rule` base class, the records a rule reads and returns, and the
+registry (:func:`register`, :func:`register_named`, :func:`find_rule`); importing this package
+imports every family module, which registers its rules.
+"""
+
+from local_opt.backends.hooks.rules import conv, diagonal, embedding, linear, norm  # noqa: F401
+from local_opt.backends.hooks.rules.base import (
+    Call,
+    LayerStats,
+    Memory,
+    Rule,
+    Site,
+    find_rule,
+    input_of,
+    register,
+    register_named,
+)
+
+__all__ = [
+    "Call",
+    "LayerStats",
+    "Memory",
+    "Rule",
+    "Site",
+    "find_rule",
+    "input_of",
+    "register",
+    "register_named",
+]

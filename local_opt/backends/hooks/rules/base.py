@@ -1,0 +1,164 @@
+r"""Per-layer rules of the hooks backend: the base class, the shared records and the registry.
+
+Each rule knows one kind of parameterized layer. From what a forward hook saved (the layer's
+input ``a``) and what the backward delivered (``δ``, the gradient of ``N·L`` with respect to the
+layer's output, so ``δ_i = ∂ℓ_i/∂out_i`` when samples do not interact), it returns for the
+layer's parameters
+
+* ``Σ_i g_i`` (the batch gradient times ``N``),
+* ``‖g_i‖²`` for every sample ``i`` (a length-``N`` vector, summed over the layer's parameters),
+* a function ``V ↦ (⟨g_i, V⟩)_i`` evaluated later, once the pooled mean gradient is known.
+
+Rules are grouped by layer family, one module each (:mod:`.linear`, :mod:`.conv`, :mod:`.norm`,
+:mod:`.diagonal`, :mod:`.embedding`), and each module registers its rules here with
+:func:`register` (by layer type). :func:`find_rule` dispatches on behaviour: a subclass of a
+registered type that keeps the parent's ``forward`` gets the parent's rule, one that overrides
+``forward`` gets none (it may compute something else). :func:`register_named` maps third-party
+classes known to compute the same function as a rule, by ``"module.qualname"``, without importing
+their library.
+
+A new layer is one :class:`Rule` subclass in the right family module, one :func:`register` call
+and one test against the per-sample autograd loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__: list[str] = []  # private module
+
+@dataclass
+class Call:
+    """One forward call of a covered module: its saved input and, after backward, ``δ``."""
+
+    inputs: Tensor
+    version: int
+    edge: Any  # torch.autograd.graph.GradientEdge of the output, taken before any in-place op
+    delta: Tensor | None = None
+
+
+@dataclass
+class Site:
+    """A covered module, the rule that handles it and what the hooks captured."""
+
+    name: str
+    module: nn.Module
+    rule: Rule
+    params: dict[str, nn.Parameter]  # trainable parameters the rule handles, by attribute name
+    calls: list[Call] = field(default_factory=list)
+    mode: str = ""  # Linear/Conv weights: the mode chosen for the last pass
+
+
+@dataclass
+class LayerStats:
+    """A layer's part of the statistics (see the module docstring)."""
+
+    grad_sum: dict[str, Tensor]
+    sq_norms: Tensor  # (N,), float64
+    inner: Callable[[dict[str, Tensor]], Tensor]  # {name: V} -> (N,) per-sample ⟨g_i, V⟩
+
+
+class Memory:
+    """What a pass may keep until the inner products are asked for.
+
+    ``free`` is the byte budget left for tensors stored only for the inner products;
+    :meth:`take` carves per-sample gradients (granted beforehand) out of reused workspaces.
+    """
+
+    def __init__(self, free: int, workspaces: dict[tuple[torch.dtype, torch.device], Tensor]):
+        self.free = free
+        self._workspaces = workspaces
+        self._offsets: dict[tuple[torch.dtype, torch.device], int] = {}
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = (dtype, device)
+        numel = 1
+        for s in shape:
+            numel *= s
+        buf = self._workspaces.get(key)
+        start = self._offsets.get(key, 0)
+        if buf is None or start + numel > buf.numel():
+            return torch.empty(shape, dtype=dtype, device=device)
+        self._offsets[key] = start + numel
+        return buf[start : start + numel].view(shape)
+
+
+def sum_but_batch(t: Tensor) -> Tensor:
+    return t.reshape(t.shape[0], -1).sum(1)
+
+
+def sq_norms(t: Tensor) -> Tensor:
+    """``(N, ...) -> (N,)`` squared norms, returned in float64."""
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).double().square()
+
+
+class Rule:
+    """A per-layer rule; subclasses implement :meth:`finish` and may refine the others."""
+
+    param_names: tuple[str, ...] = ("weight", "bias")
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        """Why this module cannot be handled (``None`` if it can)."""
+        return None
+
+    def output_child(self, module: nn.Module) -> nn.Module | None:
+        """The submodule whose input is this rule's output, when the module's own output comes
+        after more computation (None: the module's output)."""
+        return None
+
+    def keep_request(self, site: Site, n: int) -> tuple[float, int] | None:
+        """``(saving, bytes)`` if keeping per-sample gradients is this site's cheapest option."""
+        return None
+
+    def finish(self, site: Site, n: int, memory: Memory) -> LayerStats:
+        """The layer's statistics, from ``site.calls`` (inputs and output gradients).
+
+        ``site.mode`` may carry a decision taken by the caller (``"keep"`` when memory for the
+        per-sample gradients was granted, or a mode forced for every layer).
+        """
+        raise NotImplementedError
+
+
+# Exact classes (subclasses that do not override ``forward`` are accepted too) and third-party
+# classes known to compute the same function as a rule, by "module.qualname".
+RULES: dict[type, Rule] = {}
+NAMED_RULES: dict[str, Rule] = {}
+
+
+def register(rule: Rule, *types: type) -> Rule:
+    """Use ``rule`` for modules of ``types`` (and their subclasses that keep ``forward``)."""
+    for t in types:
+        RULES[t] = rule
+    return rule
+
+
+def register_named(rule: Rule, *qualnames: str) -> Rule:
+    """Use ``rule`` for the classes named ``"module.qualname"`` (exact class only)."""
+    for q in qualnames:
+        NAMED_RULES[q] = rule
+    return rule
+
+
+def find_rule(module: nn.Module) -> Rule | None:
+    """The rule for ``module``'s class, or ``None``."""
+    cls = type(module)
+    named = NAMED_RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+    if named is not None:
+        return named
+    for base in cls.__mro__:
+        rule = RULES.get(base)
+        if rule is not None:
+            # A subclass that overrides forward may compute something else.
+            return rule if cls.forward is base.forward else None
+    return None
+
+
+def input_of(args: Sequence[Any], kwargs: dict[str, Any]) -> Tensor | None:
+    if args:
+        return args[0]
+    return kwargs.get("input", kwargs.get("x"))

@@ -1,0 +1,97 @@
+r"""Diagonal rules: ``y = h(x) * weight + bias`` with ``h`` parameter-free.
+
+Normalization layers and layer scales have small diagonal per-sample gradients
+(:math:`\sum_t \delta_{it}\odot\hat x_{it}` for the weight, :math:`\sum_t\delta_{it}` for the
+bias, with :math:`\hat x = h(x)` recomputed from the saved input) that are always materialized.
+:class:`DiagonalRule` is the shared code (the normalizations are in :mod:`.norm`); timm's
+``LayerScale`` and ``LayerScale2d`` (``h`` the identity) are here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from local_opt.backends.hooks.rules.base import (
+    LayerStats,
+    Memory,
+    Rule,
+    Site,
+    register_named,
+    sq_norms,
+)
+
+__all__: list[str] = []  # private module
+
+
+class DiagonalRule(Rule):
+    """Per-sample ``weight`` gradient ``Σ_pos δ ⊙ h(x)``, ``bias`` gradient ``Σ_pos δ``."""
+
+    def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def to_param(self, module: nn.Module, t: Tensor, shape: torch.Size) -> Tensor:
+        """Sum ``(N, ...)`` over the positions that share a parameter entry: ``(N, *shape)``."""
+        # Default: parameters along dim 1 (channels first).
+        return t.reshape(t.shape[0], t.shape[1], -1).sum(2).reshape(t.shape[0], *shape)
+
+    def finish(self, site: Site, n: int, memory: Memory) -> LayerStats:
+        per: dict[str, Tensor] = {}
+        for name, p in site.params.items():
+            per[name] = torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device)
+        for c in site.calls:
+            if c.delta is None:
+                continue
+            ref = next(iter(per.values()))
+            delta = c.delta.to(ref.dtype)
+            if "weight" in per:
+                xh = self.normalized(site.module, c.inputs.to(ref.dtype))
+                per["weight"] += self.to_param(site.module, delta * xh, per["weight"].shape[1:])
+            if "bias" in per:
+                per["bias"] += self.to_param(site.module, delta, per["bias"].shape[1:])
+        sq = sum(sq_norms(g) for g in per.values())
+        grad_sum = {name: g.sum(0) for name, g in per.items()}
+
+        def inner(v: dict[str, Tensor]) -> Tensor:
+            res = torch.zeros(n, dtype=torch.float64, device=sq.device)
+            for name, g in per.items():
+                res += (g.reshape(n, -1) @ v[name].reshape(-1).to(g.dtype)).double()
+            return res
+
+        return LayerStats(grad_sum, sq, inner)
+
+
+class LayerScaleRule(DiagonalRule):
+    """timm's ``LayerScale`` (``x * gamma`` over the last dim), not in place."""
+
+    param_names = ("gamma",)
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        return "in-place layer scale" if getattr(module, "inplace", False) else None
+
+    def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
+        return x
+
+    def to_param(self, module: nn.Module, t: Tensor, shape: torch.Size) -> Tensor:
+        return t.reshape(t.shape[0], -1, *shape).sum(1)
+
+    def finish(self, site: Site, n: int, memory: Memory) -> LayerStats:
+        # Reuse the diagonal code with "gamma" playing the role of "weight".
+        renamed = Site(site.name, site.module, self, {"weight": site.params["gamma"]}, site.calls)
+        st = super().finish(renamed, n, memory)
+        return LayerStats(
+            {"gamma": st.grad_sum["weight"]},
+            st.sq_norms,
+            lambda v: st.inner({"weight": v["gamma"]}),
+        )
+
+
+class LayerScale2dRule(LayerScaleRule):
+    """timm's ``LayerScale2d`` (``x * gamma`` over the channels of NCHW), not in place."""
+
+    def to_param(self, module: nn.Module, t: Tensor, shape: torch.Size) -> Tensor:
+        return DiagonalRule.to_param(self, module, t, shape)
+
+
+register_named(LayerScaleRule(), "timm.layers.layer_scale.LayerScale")
+register_named(LayerScale2dRule(), "timm.layers.layer_scale.LayerScale2d")
