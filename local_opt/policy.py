@@ -120,8 +120,8 @@ def robust_sq_norm(
     :math:`V/\widehat{|G|^2}` is within ``ratio`` of the moving average's ``noise_scale``.
 
     Robustness of the moving averages: one round whose :math:`|G|^2` estimate is far off (near
-    its floor when the noise dominates; FINDINGS measured a jump of the smoothed noise scale from
-    27 to 104 in one round) moves the averaged noise scale by a bounded factor. The clip acts on
+    its floor when the noise dominates; on the project's LM task the smoothed noise scale once
+    jumped from 27 to 104 in one round) moves the averaged noise scale by a bounded factor. The clip acts on
     the ratio, which has no units: when the gradient and its noise shrink together by orders of
     magnitude (as the loss falls), nothing is clipped. Clipping each average separately would
     instead freeze them at their old scale.

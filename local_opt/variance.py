@@ -184,9 +184,10 @@ class VarianceTest:
         policy (str): ``"smoothed"`` (default) or ``"paper"``, the published tests exactly as
             published (one round, :math:`\lVert\bar g\rVert^2` as is, ceil, no limits).
         smoothing (float, optional): :math:`\beta` of the bias-corrected moving averages, per
-            round (default: 0.9, the value of the noise-scale policy measured in
-            ``FINDINGS`` on the LM task; AdaptDL's ``GradientNoiseScale`` uses the same
-            correction with 0.999 per step). ``0`` uses the last round only.
+            round (default: 0.9, an average over about the last 10 rounds: the value the
+            project's earlier LM measurements of the noise-scale policy used, kept because it
+            followed the noise scale smoothly on both tasks; AdaptDL's ``GradientNoiseScale``
+            uses the same correction with 0.999 per step). ``0`` uses the last round only.
         growth (float, optional): largest factor by which the batch grows in one round
             (default: 2, the doubling of stagewise schedules; a single noisy round cannot
             send the batch to the cap). ``math.inf`` for no limit.
