@@ -308,12 +308,16 @@ def late_table(task: str, by_strategy: dict[str, dict[int, dict[str, Any]]]) -> 
     return lines
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    """a / b with a run that never reached the target as infinitely late (None if a did not)."""
+#: Shown (and passed) when adaptive reached the target and the baseline never did.
+NEVER_BASELINE = "baseline never"
+
+
+def _ratio(a: float | None, b: float | None) -> float | str | None:
+    """a / b; None if a never reached the target, NEVER_BASELINE if only b never did."""
     if a is None:
         return None
     if b is None:
-        return 0.0
+        return NEVER_BASELINE
     return a / b if b else (1.0 if a == b else math.inf)  # no communication (one worker)
 
 
@@ -331,7 +335,9 @@ def criteria(
     def check(name: str, values: list[Any], ok: Any, fmt: str) -> None:
         """values: a number per seed, None if adaptive never reached the target, a string if
         the baseline did not run."""
-        passed = bool(seeds) and all(isinstance(v, float) and ok(v) for v in values)
+        passed = bool(seeds) and all(
+            v == NEVER_BASELINE or (isinstance(v, float) and ok(v)) for v in values
+        )
         shown = ", ".join(
             "never" if v is None else v if isinstance(v, str) else format(v, fmt) for v in values
         )

@@ -396,6 +396,8 @@ def test_paper_criteria_pass_and_fail_per_seed() -> None:
     assert samples == (True, "seeds [0, 1]: 0.60, 0.38")
     assert final == (False, "seeds [0, 1]: +0.020, +0.040")  # seed 1 is 0.04 nats worse
     assert sent == (False, "seeds [0, 1]: 0.80, no run")
+    runs["constant-large"][1]["samples_to_target"] = None  # a baseline that never reaches it
+    assert paper.criteria("lm", runs)[1][1:] == (True, "seeds [0, 1]: 0.60, baseline never")
     runs["adaptive"][0]["rounds_to_target"] = None  # a seed that never reaches the target fails
     assert paper.criteria("lm", runs)[0][1] is False
 
