@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 NPROC  ?= 4
 
-.PHONY: demo test bench lint clean gpu-check
+.PHONY: demo paper test bench lint clean gpu-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) examples/compare.py --nproc $(NPROC) --out runs/demo
+
+# Six strategies x {digits, lm} x 3 seeds on 2 gloo workers; writes docs/results.md + docs/paper_*.png.
+paper: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) examples/paper.py --nproc 2 --out runs/paper --docs docs
 
 test: $(STAMP)
 	$(PY) -m pytest -q --benchmark-disable

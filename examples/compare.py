@@ -8,8 +8,9 @@ learning-rate schedule, changing only how the per-worker batch size evolves:
     stagewise        b doubles at milestones that give each stage an equal share of the budget
     adaptive         the norm test (or --test) of Lau et al. (2024) after every round
 
-then prints a markdown table (rounds to --target-acc, final test accuracy, samples, bytes
-communicated per worker, wall time), checks the paper's claim, and writes one comparison plot.
+then prints a markdown table (rounds to --target-acc on the validation split, final test
+accuracy, samples, bytes communicated per worker, wall time), checks the paper's claim, and writes
+one comparison plot. The adaptive run uses VarianceTest's defaults unless --eta/--theta are given.
 
     python examples/compare.py --nproc 4 --out runs/demo
 
@@ -23,21 +24,19 @@ go after `--`, e.g. `compare.py -- --lr-coupling sqrt`.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-import tempfile
 import time
-from datetime import timedelta
 from typing import Any
 
-import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+import launch  # noqa: E402
+import runlog  # noqa: E402
+import tasks  # noqa: E402
 import train  # noqa: E402
 
 STRATEGIES = ("constant-small", "constant-large", "stagewise", "adaptive")
@@ -98,17 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eta",
         type=float,
-        default=1.0,
-        help="norm test threshold eta (default: 1.0; see the README for the choice)",
+        default=None,
+        help="norm test threshold eta (default: VarianceTest's default)",
     )
     p.add_argument(
-        "--theta", type=float, default=0.9, help="inner-product test threshold (default: 0.9)"
+        "--theta",
+        type=float,
+        default=None,
+        help="inner-product test threshold (default: VarianceTest's default)",
     )
     p.add_argument(
         "--vt-backend",
-        default="hooks",
+        default="auto",
         choices=["auto", "hooks", "vmap", "microbatch"],
-        help="VarianceTest backend of the adaptive run (default: hooks)",
+        help="VarianceTest backend of the adaptive run (default: auto, the hooks backend here)",
     )
     p.add_argument(
         "--lr",
@@ -120,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--target-acc",
         type=float,
         default=97.0,
-        help="test accuracy (%%) for the rounds-to-target column (default: 97)",
+        help="validation accuracy (%%) for the rounds-to-target column (default: 97)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of every run (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -196,34 +198,19 @@ def strategy_argv(name: str, args: argparse.Namespace, budget: int) -> list[str]
             *map(str, ms),
         ]
     else:
-        own = [
-            "--strategy",
-            "adaptive",
-            "--batch-size",
-            b0,
-            "--test",
-            args.test,
-            "--eta",
-            str(args.eta),
-            "--theta",
-            str(args.theta),
-        ]
+        own = ["--strategy", "adaptive", "--batch-size", b0, "--test", args.test]
+        for flag, value in (("--eta", args.eta), ("--theta", args.theta)):
+            if value is not None:
+                own += [flag, str(value)]
     return common + own + extra
 
 
-def _worker(rank: int, world: int, init_method: str, argvs: list[list[str]]) -> None:
-    os.environ["LOCAL_RANK"] = str(rank)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group(
-        "gloo", init_method=init_method, rank=rank, world_size=world, timeout=timedelta(seconds=600)
-    )
-    try:
-        for argv in argvs:
-            train.train(train.parse_args(argv))
+def run_all(argvs: list[list[str]]) -> None:
+    """train.py's runs one after another in the same processes (on every rank)."""
+    for argv in argvs:
+        train.train(train.parse_args(argv))
+        if dist.is_initialized():
             dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    train._exit_worker()
 
 
 def _fmt(v: Any, spec: str = "") -> str:
@@ -232,14 +219,15 @@ def _fmt(v: Any, spec: str = "") -> str:
 
 def table(summaries: list[dict[str, Any]], target: float) -> str:
     head = (
-        f"| strategy | rounds to {target:g}% | final test acc (%) | best (%) | rounds | samples "
+        f"| strategy | rounds to {target:g}% (val) | final test acc (%) | best val (%) | rounds "
+        "| samples "
         "| final b | MB sent per worker | wall time (s) |"
     )
     lines = [head, "|" + "---|" * 9]
     for s in summaries:
         lines.append(
             f"| {s['name']} | {_fmt(s['rounds_to_target'])} | {_fmt(s['final_test_acc'], '.2f')} "
-            f"| {_fmt(s['best_test_acc'], '.2f')} | {s['rounds']} | {s['samples']} "
+            f"| {_fmt(s['best_val_acc'], '.2f')} | {s['rounds']} | {s['samples']} "
             f"| {s['final_batch_size']} | {s['bytes_communicated'] / 1e6:.1f} "
             f"| {s['wall_time']:.1f} |"
         )
@@ -288,30 +276,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     probe = train.parse_args(
         ["--epochs", str(args.epochs)] + [a for a in args.train_args if a != "--"]
     )
-    budget = probe.budget_samples or int(args.epochs * len(train.load_data(probe).train))
+    budget = probe.budget_samples or int(args.epochs * len(tasks.TASKS[probe.dataset](probe).train))
     argvs = [strategy_argv(name, args, budget) for name in args.strategies]
     for name, a in zip(args.strategies, argvs):
         print(f"{name}: train.py --nproc {args.nproc} {' '.join(a)}", flush=True)
 
     start = time.perf_counter()
-    if args.nproc == 1:
-        for a in argvs:
-            train.train(train.parse_args(a))
-    else:
-        with tempfile.TemporaryDirectory(prefix="local_opt_compare_") as d:
-            mp.start_processes(
-                _worker,
-                args=(args.nproc, f"file://{os.path.join(d, 'rendezvous')}", argvs),
-                nprocs=args.nproc,
-                start_method="spawn",
-            )
+    launch.launch(run_all, (argvs,), args.nproc, timeout=600)
     total = time.perf_counter() - start
 
     summaries, runs = [], {}
     for name in args.strategies:
         folder = os.path.join(args.out, name)
-        with open(os.path.join(folder, "summary.json")) as f:
-            summaries.append(json.load(f))
+        summaries.append(_common.read_json(os.path.join(folder, "summary.json")))
         runs[name] = _common.read_jsonl(os.path.join(folder, "metrics.jsonl"))
     s0 = summaries[0]
     title = (
@@ -319,7 +296,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         f"H={s0['sync_every']}, budget {s0['budget_samples']} samples, seed {args.seed}"
     )
     plot = args.plot or os.path.join(args.out, "compare.png")
-    _common.plot_runs(runs, plot, title=title, target=args.target_acc)
+    runlog.plot_runs(runs, plot, title=title, metric="val_acc", target=args.target_acc)
     by_name = {s["name"]: s for s in summaries}
     text = "\n".join(
         [

@@ -1,4 +1,4 @@
-"""examples/train.py and examples/compare.py end to end: real gloo runs, CIFAR-10 folder, resume.
+"""examples/ end to end: real gloo runs, CIFAR-10 folder, resume, the language-model task.
 
 The multi-process runs go through a subprocess (``train.py --nproc 2``), as a user launches them,
 each with a timeout. One uninterrupted 2-process run (module fixture) serves both the end-to-end
@@ -24,6 +24,10 @@ sys.path.insert(0, EXAMPLES)
 
 import _common  # noqa: E402
 import compare  # noqa: E402
+import images  # noqa: E402
+import lm  # noqa: E402
+import paper  # noqa: E402
+import tasks  # noqa: E402
 import train  # noqa: E402
 
 # A tiny adaptive run: 2 workers, H=2, b0=8 growing (eta=0.5 asks for more at once on digits).
@@ -35,7 +39,7 @@ TINY = [
 ROUNDS = 6
 
 
-def run_train(argv: list[str], timeout: float = 100.0) -> subprocess.CompletedProcess:
+def run_train(argv: list[str], timeout: float = 300.0) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, os.path.join(EXAMPLES, "train.py"), *argv],
@@ -53,7 +57,7 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 # --------------------------------------------------------------------------------- end to end
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(400)
 def test_two_process_run_writes_every_output(full_run: str) -> None:
     records = _common.read_jsonl(os.path.join(full_run, "metrics.jsonl"))
     assert [r["round"] for r in records] == list(range(1, ROUNDS + 1))
@@ -68,7 +72,9 @@ def test_two_process_run_writes_every_output(full_run: str) -> None:
     for r in records:
         assert r["samples"] - prev == 2 * 2 * r["batch_size"]
         prev = r["samples"]
-        assert 0.0 <= r["test_acc"] <= 100.0 and np.isfinite(r["train_loss"])
+        assert 0.0 <= r["val_acc"] <= 100.0 and np.isfinite(r["train_loss"])
+    # The test split is evaluated once, at the end; validation after every round.
+    assert [r["test_acc"] is not None for r in records] == [False] * (ROUNDS - 1) + [True]
     # The variance test never shrinks the batch, respects the cap, and grew it on this run.
     sizes = [r["batch_size"] for r in records] + [records[-1]["next_batch_size"]]
     assert sizes == sorted(sizes) and sizes[-1] <= 32 and sizes[-1] > 8
@@ -83,7 +89,7 @@ def test_two_process_run_writes_every_output(full_run: str) -> None:
     assert os.path.exists(os.path.join(full_run, "ckpt", "rank1.pt"))
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(400)
 def test_resume_continues_identically(full_run: str, tmp_path: str) -> None:
     out = str(tmp_path)
     run_train([*TINY, "--max-rounds", "3", "--out", out])
@@ -94,9 +100,12 @@ def test_resume_continues_identically(full_run: str, tmp_path: str) -> None:
     b = _common.read_jsonl(os.path.join(out, "metrics.jsonl"))
     assert len(b) == ROUNDS
     keys = ["round", "step", "epoch", "samples", "batch_size", "next_batch_size", "lr",
-            "train_loss", "test_acc", "test_loss", "bytes_communicated", "order_hash"]  # fmt: skip
+            "train_loss", "val_acc", "val_loss", "bytes_communicated", "order_hash"]  # fmt: skip
     for ra, rb in zip(a, b):
         assert {k: ra[k] for k in keys} == {k: rb[k] for k in keys}
+    # The test split is evaluated at the end of each run (so also at the cut, round 3).
+    assert (a[-1]["test_acc"], a[-1]["test_loss"]) == (b[-1]["test_acc"], b[-1]["test_loss"])
+    assert a[2]["test_acc"] is None and b[2]["test_acc"] is not None
     assert len({r["batch_size"] for r in a}) > 1  # the batch size did change across the cut
     sa = torch.load(os.path.join(full_run, "model_final.pt"))
     sb = torch.load(os.path.join(out, "model_final.pt"))
@@ -109,7 +118,7 @@ def test_order_hash_is_the_data_order(full_run: str) -> None:
     """The logged hash of round 1 is the CRC of the indices torch's DistributedSampler gives."""
     from torch.utils.data import DistributedSampler
 
-    n_train = len(_common.load_digits_data().train)
+    n_train = len(images.load_digits_data().train)
     per_rank = []
     for rank in range(2):
         order = list(DistributedSampler(range(n_train), num_replicas=2, rank=rank, seed=3))
@@ -149,29 +158,39 @@ def test_cifar10_folder(tmp_path: str) -> None:
     train_x, train_y = write_fake_cifar10(root)
     # torchvision checks the md5 of the real files: a fake folder is refused without --no-md5.
     with pytest.raises(RuntimeError, match="corrupted"):
-        _common.load_cifar10_data(root, verify_md5=True)
-    data = _common.load_cifar10_data(root, verify_md5=False)
-    assert (len(data.train), len(data.test), data.in_chans, data.img_size) == (30, 6, 3, 32)
-    # Pixels and labels are torchvision's reading of the pickles, normalized per channel.
-    x, y, idx = data.train.__getitems__([0, 7, 29])
-    raw = torch.from_numpy(train_x[[0, 7, 29]]).view(3, 3, 32, 32).float() / 255.0
-    mean = torch.tensor(_common.CIFAR10_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(_common.CIFAR10_STD).view(1, 3, 1, 1)
-    torch.testing.assert_close(x, (raw - mean) / std)
-    assert y.tolist() == [train_y[i] for i in (0, 7, 29)] and idx.tolist() == [0, 7, 29]
+        images.load_cifar10_data(root, verify_md5=True)
+    data = images.load_cifar10_data(root, verify_md5=False, val_fraction=0.2)
+    assert (len(data.train), len(data.val), len(data.test)) == (24, 6, 6)
+    assert (data.in_chans, data.img_size) == (3, 32)
+    # Pixels and labels are torchvision's reading of the pickles, normalized per channel; the
+    # training and validation splits partition the 30 training images.
+    raw = torch.from_numpy(train_x).view(30, 3, 32, 32).float() / 255.0
+    mean = torch.tensor(images.CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(images.CIFAR10_STD).view(1, 3, 1, 1)
+    expected = (raw - mean) / std
+    found = []
+    for split in (data.train, data.val):
+        x, y, idx = split.__getitems__(list(range(len(split))))
+        assert idx.tolist() == list(range(len(split)))
+        dist = torch.cdist(x.flatten(1), expected.flatten(1))
+        j = dist.argmin(1)
+        torch.testing.assert_close(x, expected[j])
+        assert y.tolist() == [train_y[i] for i in j.tolist()]
+        found += j.tolist()
+    assert sorted(found) == list(range(30))
 
     out = str(tmp_path / "run")
     argv = [
         "--dataset", "cifar10", "--data-dir", root, "--no-md5", "--strategy", "constant",
         "--batch-size", "4", "--max-batch-size", "8", "--sync-every", "2", "--max-rounds", "2",
-        "--augment", "--no-progress", "--out", out,
+        "--augment", "--no-progress", "--out", out, "--val-fraction", "0.2",
     ]  # fmt: skip
     summary = train.main(argv)
     assert summary is not None and summary["dataset"] == "cifar10" and summary["rounds"] == 2
     assert summary["samples"] == 2 * 2 * 4
     # A cap above the worker's share of the data could never fill a batch: refused up front.
-    with pytest.raises(ValueError, match="Invalid --max-batch-size: 64"):
-        train.main([*argv, "--max-batch-size", "64"])
+    with pytest.raises(ValueError, match="Invalid --max-batch-size: 32"):
+        train.main([*argv, "--max-batch-size", "32"])
 
 
 # -------------------------------------------------------------------------------------- help
@@ -198,14 +217,27 @@ def test_help_documents_every_flag() -> None:
 
 # -------------------------------------------------------------------------------- units
 def test_lr_schedule() -> None:
-    lr = lambda s, **kw: _common.lr_at(s, 1000, 0.1, warmup=0.1, **kw)  # noqa: E731
+    lr = lambda s: _common.lr_at(s, 1000, 0.1, warmup=0.1)  # noqa: E731
     assert lr(50) == pytest.approx(0.05)  # half-way through the warm-up
     assert lr(100) == pytest.approx(0.1)  # peak
     assert lr(550) == pytest.approx(0.05)  # cosine half-way
     assert lr(1000) == pytest.approx(0.0) and lr(2000) == pytest.approx(0.0)
-    assert lr(100, batch_size=64, base_batch_size=16, coupling="sqrt") == pytest.approx(0.2)
-    assert lr(100, batch_size=64, base_batch_size=16, coupling="linear") == pytest.approx(0.4)
-    assert lr(100, batch_size=64, base_batch_size=16) == pytest.approx(0.1)
+
+
+def test_lr_coupling_follows_the_batch_size(tmp_path: str) -> None:
+    """A constant batch of 8 with --lr-ref-batch-size 2 and --lr-coupling sqrt: the schedule
+    times LRCoupling's factor, sqrt(8 / 2) = 2."""
+    coupling, factor = "sqrt", 2.0
+    path = tmp_path / "t.txt"
+    path.write_text("abcdefgh " * 200)
+    argv = [*TINY_LM, "--text-file", str(path), "--strategy", "constant", "--batch-size", "8",
+            "--lr-ref-batch-size", "2", "--lr-coupling", coupling, "--max-rounds", "3",
+            "--out", str(tmp_path / coupling)]  # fmt: skip
+    summary = train.main(argv)
+    args = train.parse_args(argv)
+    for r in _common.read_jsonl(os.path.join(str(tmp_path / coupling), "metrics.jsonl")):
+        expected = _common.lr_at(r["samples"], summary["budget_samples"], args.lr, args.warmup)
+        assert r["lr"] == pytest.approx(factor * expected)
 
 
 def test_stagewise_milestones_split_the_budget_evenly() -> None:
@@ -225,3 +257,176 @@ def test_parse_model_kwargs() -> None:
     }  # fmt: skip
     with pytest.raises(ValueError, match="Invalid model kwarg"):
         _common.parse_kwargs(["oops"])
+
+
+# ---------------------------------------------------------------------------- language model
+TINY_LM = ["--dataset", "lm", "--context", "8", "--model-kwargs", "dim=16", "layers=1", "heads=2",
+           "--batch-size", "2", "--max-batch-size", "8", "--sync-every", "2", "--no-progress",
+           "--ckpt-every", "0"]  # fmt: skip
+
+
+def test_python_docs_text_is_english_prose() -> None:
+    text = lm.python_docs_text()
+    assert len(text) > 300_000
+    words = text.decode("utf-8").lower().split()
+    assert {"the", "statement", "function", "returns"} <= set(words)
+    assert lm.python_docs_text() == text  # the same bytes (and so the same split) every time
+
+
+def test_byte_windows_and_splits_against_slicing() -> None:
+    text = bytes(range(256)) * 4  # 1024 bytes
+    train, val, test = lm.split_text(text, 0.1, 0.05)
+    assert (len(train), len(val), len(test)) == (1024 - 102 - 51, 102, 51)
+    assert bytes(train.tolist()) + bytes(val.tolist()) + bytes(test.tolist()) == text
+    w = lm.ByteWindows(train, context=8)
+    assert len(w) == (len(train) - 9) // 8 + 1
+    x, y, idx = w.__getitems__([0, 5, len(w) - 1])
+    for row, i in enumerate(idx.tolist()):
+        chunk = list(text[8 * i : 8 * i + 9])
+        assert x[row].tolist() == chunk[:-1] and y[row].tolist() == chunk[1:]
+    assert x.dtype == y.dtype == torch.int64
+    with pytest.raises(ValueError, match="Invalid fractions"):
+        lm.split_text(text, 0.5, 0.5)
+
+
+def test_gpt_is_causal() -> None:
+    torch.manual_seed(0)
+    model = lm.GPT(context=12, dim=16, layers=2, heads=4).eval()
+    x = torch.randint(0, 256, (3, 12))
+    x2 = x.clone()
+    x2[:, 7:] = torch.randint(0, 256, (3, 5))
+    a, b = model(x), model(x2)
+    assert a.shape == (3, 12, 256)
+    torch.testing.assert_close(a[:, :7], b[:, :7])  # the past does not see the future
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_lm_metrics_against_a_loop(tmp_path: str) -> None:
+    """evaluate(): mean next-byte cross-entropy over all positions, ppl = exp(loss)."""
+    path = tmp_path / "tiny.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    args = train.parse_args([*TINY_LM, "--text-file", str(path), "--val-fraction", "0.1"])
+    task = tasks.TASKS["lm"](args)
+    torch.manual_seed(0)
+    model = task.build_model()
+    got = tasks.evaluate(task, model, task.val, torch.device("cpu"), batch=3)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(task.val)):
+            x, y, _ = task.val[i]
+            logp = torch.log_softmax(model(x[None])[0].double(), -1)
+            for t in range(len(y)):
+                total -= logp[t, y[t]].item()
+                count += 1
+    assert got["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert got["ppl"] == pytest.approx(np.exp(total / count), rel=1e-5)
+
+
+def test_variance_test_covers_the_gpt_exactly() -> None:
+    """The hooks backend covers every GPT parameter and agrees with vmap's per-sample gradients."""
+    from local_opt import VarianceTest
+
+    torch.manual_seed(0)
+    model = lm.GPT(context=8, dim=16, layers=1, heads=2).double()
+    x = torch.randint(0, 256, (6, 8))
+    y = torch.randint(0, 256, (6, 8))
+    raw = {}
+    for backend in ("hooks", "vmap"):
+        vt = VarianceTest(model, lm.lm_loss, eta=1.0, backend=backend)
+        vt.suggest(x, y, 6)
+        raw[backend] = vt.last_stats["raw_norm"]
+    vt = VarianceTest(model, lm.lm_loss, eta=1.0)
+    vt.suggest(x, y, 6)
+    assert vt.last_stats["backend"] == "hooks"
+    assert raw["hooks"] == pytest.approx(raw["vmap"], rel=1e-6)
+
+
+@pytest.mark.timeout(120)
+def test_lm_run_on_a_text_file(tmp_path: str) -> None:
+    """--text-file: a whole run in one process on a tiny corpus; targets on validation loss."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("Local SGD averages models every few steps. " * 60)
+    out = str(tmp_path / "run")
+    argv = [*TINY_LM, "--text-file", str(path), "--strategy", "adaptive", "--eta", "0.5",
+            "--epochs", "1", "--target-loss", "5.0", "--out", out,
+            "--eval-every-samples", "8", "--eval-growth", "0.25"]  # fmt: skip
+    summary = train.main(argv)
+    size = len(path.read_bytes())
+    n_train = size - int(size * 0.05) - int(size * 0.02)  # the lm task's default fractions
+    assert summary["budget_samples"] == (n_train - 9) // 8 + 1
+    assert summary["dataset"] == "lm" and "corpus.txt" in summary["task"]
+    records = _common.read_jsonl(os.path.join(out, "metrics.jsonl"))
+    losses = [r["val_loss"] for r in records if r["val_loss"] is not None]
+    assert losses[-1] < losses[0]  # it learns the repeated sentence
+    # Validation rounds: the first round at or after last + max(8, 0.25 * last) samples, and
+    # the last round.
+    due, expected = 8, []
+    for r in records:
+        if r["samples"] >= due or r is records[-1]:
+            expected.append(r["round"])
+            due = r["samples"] + max(8, int(0.25 * r["samples"]))
+    assert [r["round"] for r in records if r["val_loss"] is not None] == expected
+    assert len(expected) < len(records) / 2
+    assert summary["final_test_ppl"] == pytest.approx(np.exp(summary["final_test_loss"]))
+    # The target is a validation loss: the first round at or below 5.0 nats.
+    first = next(r for r in records if r["val_loss"] is not None and r["val_loss"] <= 5.0)
+    assert summary["rounds_to_target"] == first["round"]
+    assert summary["target_metric"] == "val_loss"
+    with open(os.path.join(out, "plot.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------------- harness
+def _summary(rounds: int | None, samples: int | None, sent: int | None, final: float) -> dict:
+    return {"rounds_to_target": rounds, "samples_to_target": samples, "bytes_to_target": sent,
+            "final_test_loss": final, "final_test_acc": final}  # fmt: skip
+
+
+def test_paper_criteria_pass_and_fail_per_seed() -> None:
+    runs = {
+        "constant-small": {0: _summary(100, 6400, 900, 1.70), 1: _summary(80, 5120, 700, 1.70)},
+        "constant-large": {0: _summary(10, 20000, 90, 2.00), 1: _summary(12, 24000, 100, 2.00)},
+        "stagewise": {0: _summary(60, 9000, 500, 1.72), 1: None},
+        "adaptive": {0: _summary(50, 12000, 400, 1.72), 1: _summary(30, 9000, 300, 1.74)},
+    }
+    runs["stagewise"] = {0: runs["stagewise"][0]}  # seed 1 never ran: its criterion fails
+    got = {name: (ok, detail) for name, ok, detail in paper.criteria("lm", runs)}
+    rounds, samples, final, sent = (got[k] for k in sorted(got, key=list(got).index))
+    assert rounds == (True, "seeds [0, 1]: 0.50, 0.38")  # <= 0.5x on both seeds
+    assert samples == (True, "seeds [0, 1]: 0.60, 0.38")
+    assert final == (False, "seeds [0, 1]: +0.020, +0.040")  # seed 1 is 0.04 nats worse
+    assert sent == (False, "seeds [0, 1]: 0.80, no run")
+    runs["constant-large"][1]["samples_to_target"] = None  # a baseline that never reaches it
+    assert paper.criteria("lm", runs)[1][1:] == (True, "seeds [0, 1]: 0.60, baseline never")
+    runs["adaptive"][0]["rounds_to_target"] = None  # a seed that never reaches the target fails
+    assert paper.criteria("lm", runs)[0][1] is False
+
+
+def test_paper_ramp_uses_half_the_budget() -> None:
+    args = paper.build_parser().parse_args([])
+    argv = paper.strategy_argv("digits", "linear", 0, args, budget=28800)
+    rounds = int(argv[argv.index("--ramp-rounds") + 1])
+    used = sum(2 * 8 * (16 + (128 - 16) * r / rounds) for r in range(rounds))
+    assert 0.45 * 28800 <= used <= 0.55 * 28800
+
+
+@pytest.mark.timeout(300)
+def test_paper_end_to_end_on_a_tiny_corpus(tmp_path: str) -> None:
+    path = tmp_path / "t.txt"
+    path.write_text("Adaptive batch sizes grow as the gradient noise allows. " * 40)
+    docs = str(tmp_path / "docs")
+    verdicts = paper.main([
+        "--nproc", "1", "--tasks", "lm", "--seeds", "0", "--strategies", "constant-small",
+        "constant-large", "stagewise", "adaptive", "--out", str(tmp_path / "runs"), "--docs", docs,
+        "--", *TINY_LM[2:], "--text-file", str(path), "--target-loss", "5.3", "--epochs", "0.3",
+    ])  # fmt: skip
+    assert len(verdicts) == 4 and all(" PASS " in v or " FAIL " in v for v in verdicts)
+    text = open(os.path.join(docs, "results.md")).read()
+    assert "| constant-small |" in text and "| adaptive |" in text and "commit `" in text
+    with open(os.path.join(docs, "paper_lm.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # --report-only rebuilds the same verdicts from the runs on disk.
+    again = paper.main(["--tasks", "lm", "--seeds", "0", "--strategies", "constant-small",
+                        "constant-large", "stagewise", "adaptive", "--out", str(tmp_path / "runs"),
+                        "--docs", docs, "--report-only"])  # fmt: skip
+    assert again == verdicts
