@@ -33,8 +33,17 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from local_opt.backends.hooks.rules.affine import seq_inner, seq_sq_norms, seq_weight_sum
-from local_opt.backends.hooks.rules.base import LayerStats, Memory, Rule, Site, register, sq_norms
-from local_opt.backends.stack import in_backward
+from local_opt.backends.hooks.rules.base import (
+    LayerStats,
+    Memory,
+    Rule,
+    Site,
+    calls_by_tag,
+    intercept_forward,
+    register,
+    sq_norms,
+    tagged,
+)
 
 __all__: list[str] = []  # private module
 
@@ -76,8 +85,6 @@ class MultiheadAttentionRule(Rule):
 
     def register(self, site: Site, on_call: Callable[[Tensor, Tensor], None]) -> list[Any]:
         module = site.module
-        state: dict[str, Any] = {}
-
         names = set(site.params)
         wanted = {"bias_k", "bias_v"} & names
         if names & {"in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight",
@@ -86,37 +93,20 @@ class MultiheadAttentionRule(Rule):
         if names & {"out_proj.weight", "out_proj.bias"}:
             wanted.add("out")
 
+        capture = tagged(site, on_call)
+
         def emit(tag: str, x: Tensor, y: Tensor) -> None:
-            if tag not in wanted or not y.requires_grad:
-                return
-            before = len(site.calls)
-            on_call(x.detach(), y)
-            if len(site.calls) > before:
-                site.calls[-1].tag = tag  # type: ignore[attr-defined]
+            if tag in wanted:
+                capture(tag, x, y)
 
         def handler(**a: Any) -> Any:
             return _forward(emit, **a)
 
-        def pre(mod: nn.Module, args: tuple) -> None:
-            if torch.is_grad_enabled() and not in_backward():
-                mode = _Intercept(module, handler)
-                mode.__enter__()
-                state["mode"] = mode
-
-        def post(mod: nn.Module, args: tuple, output: Any) -> None:
-            mode = state.pop("mode", None)
-            if mode is not None:
-                mode.__exit__(None, None, None)
-
-        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        return intercept_forward(module, lambda: _Intercept(module, handler))
 
     def finish(self, site: Site, n: int, memory: Memory) -> LayerStats:
         module, params = site.module, site.params
-        by_tag: dict[str, list[tuple[Tensor, Tensor]]] = {}
-        for c in site.calls:
-            if c.delta is not None:
-                by_tag.setdefault(c.tag, []).append((c.inputs, c.delta))  # type: ignore[attr-defined]
-        site.calls = []
+        by_tag = calls_by_tag(site)
         ref = next(iter(params.values()))
         e = module.embed_dim
         sq = torch.zeros(n, dtype=torch.float64, device=ref.device)

@@ -162,3 +162,53 @@ def input_of(args: Sequence[Any], kwargs: dict[str, Any]) -> Tensor | None:
     if args:
         return args[0]
     return kwargs.get("input", kwargs.get("x"))
+
+
+# Rules that capture a layer's affine maps from inside its forward (MultiheadAttention, LSTM/GRU):
+# a TorchFunctionMode replaces the fused call while the module runs, and tags each captured call.
+
+
+def intercept_forward(module: nn.Module, make_mode: Callable[[], Any]) -> list[Any]:
+    """Hooks that enter the mode ``make_mode()`` while ``module`` runs a forward that builds a
+    graph (not under ``no_grad``, not a checkpoint's recomputation in the backward); the handles."""
+    from local_opt.backends.stack import in_backward  # the package imports the rules first
+
+    state: dict[str, Any] = {}
+
+    def pre(mod: nn.Module, args: tuple) -> None:
+        if torch.is_grad_enabled() and not in_backward():
+            mode = make_mode()
+            mode.__enter__()
+            state["mode"] = mode
+
+    def post(mod: nn.Module, args: tuple, output: Any) -> None:
+        mode = state.pop("mode", None)
+        if mode is not None:
+            mode.__exit__(None, None, None)
+
+    return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+
+def tagged(site: Site, on_call: Callable[[Tensor, Tensor], None]) -> Callable[..., None]:
+    """``emit(tag, x, y)``: capture one affine map's input ``x`` and output ``y`` as a call of
+    ``site`` marked with ``tag`` (nothing when ``y`` needs no gradient)."""
+
+    def emit(tag: Any, x: Tensor, y: Tensor) -> None:
+        if not y.requires_grad:
+            return
+        before = len(site.calls)
+        on_call(x.detach(), y)
+        if len(site.calls) > before:
+            site.calls[-1].tag = tag  # type: ignore[attr-defined]
+
+    return emit
+
+
+def calls_by_tag(site: Site) -> dict[Any, list[tuple[Tensor, Tensor]]]:
+    """The site's finished calls as ``(input, output gradient)`` pairs by tag; clears them."""
+    by_tag: dict[Any, list[tuple[Tensor, Tensor]]] = {}
+    for c in site.calls:
+        if c.delta is not None:
+            by_tag.setdefault(c.tag, []).append((c.inputs, c.delta))  # type: ignore[attr-defined]
+    site.calls = []
+    return by_tag

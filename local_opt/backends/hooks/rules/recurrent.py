@@ -23,8 +23,17 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from local_opt.backends.hooks.rules.affine import seq_inner, seq_sq_norms, seq_weight_sum
-from local_opt.backends.hooks.rules.base import LayerStats, Memory, Rule, Site, register, sq_norms
-from local_opt.backends.stack import in_backward
+from local_opt.backends.hooks.rules.base import (
+    LayerStats,
+    Memory,
+    Rule,
+    Site,
+    calls_by_tag,
+    intercept_forward,
+    register,
+    sq_norms,
+    tagged,
+)
 
 __all__: list[str] = []  # private module
 
@@ -64,35 +73,13 @@ class RecurrentRule(Rule):
 
     def register(self, site: Site, on_call: Callable[[Tensor, Tensor], None]) -> list[Any]:
         module = site.module
-        state: dict[str, Any] = {}
-
-        def emit(tag: tuple, x: Tensor, y: Tensor) -> None:
-            if not y.requires_grad:
-                return
-            before = len(site.calls)
-            on_call(x.detach(), y)
-            if len(site.calls) > before:
-                site.calls[-1].tag = tag  # type: ignore[attr-defined]
-
-        def pre(mod: nn.Module, args: tuple) -> None:
-            if torch.is_grad_enabled() and not in_backward():
-                mode = _Intercept(module, lambda kind, *a: _recurrence(emit, kind, *a))
-                mode.__enter__()
-                state["mode"] = mode
-
-        def post(mod: nn.Module, args: tuple, output: Any) -> None:
-            mode = state.pop("mode", None)
-            if mode is not None:
-                mode.__exit__(None, None, None)
-
-        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        emit = tagged(site, on_call)
+        return intercept_forward(
+            module, lambda: _Intercept(module, lambda kind, *a: _recurrence(emit, kind, *a))
+        )
 
     def finish(self, site: Site, n: int, memory: Memory) -> LayerStats:
-        by_tag: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
-        for c in site.calls:
-            if c.delta is not None:
-                by_tag.setdefault(c.tag, []).append((c.inputs, c.delta))  # type: ignore[attr-defined]
-        site.calls = []
+        by_tag = calls_by_tag(site)
         ref = next(iter(site.params.values()))
         sq = torch.zeros(n, dtype=torch.float64, device=ref.device)
         grad_sum: dict[str, Tensor] = {}
