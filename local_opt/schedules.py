@@ -202,7 +202,7 @@ class LRCoupling:
       <https://arxiv.org/abs/2007.05105>`_, used by AdaptDL/Pollux)
 
       .. math::
-          r = rac{\operatorname{tr}\Sigma/b_0 + |G|^2}{\operatorname{tr}\Sigma/b + |G|^2}
+          r = \frac{\operatorname{tr}\Sigma/b_0 + |G|^2}{\operatorname{tr}\Sigma/b + |G|^2}
             \in [1, S],
 
       from the same moving averages of the per-sample :math:`\operatorname{tr}\Sigma` and
