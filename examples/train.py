@@ -251,6 +251,8 @@ class Trainer:
         stats = getattr(self.policy, "last_stats", {}) or {}
         if stats.get("raw") is not None:
             rec["suggested_raw"] = stats["raw"]
+        if stats.get("noise_scale") is not None:
+            rec["noise_scale"] = stats["noise_scale"]
         last_round = bool(
             final or (args.max_rounds and rnd >= args.max_rounds) or self.samples >= self.budget
         )

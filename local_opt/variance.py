@@ -51,6 +51,15 @@ _POLICY_DEFAULTS: dict[str, dict[str, Any]] = {
 #: variance along the mean gradient's direction, the orthogonal rest) and the de-biased |G|^2.
 _EMA_KEYS = ("variance", "direction_variance", "orthogonal_variance", "sq_norm")
 
+#: Degrees of freedom the smoothed policy's variance estimate must rest on before the batch may grow,
+#: and before a round's estimate is clipped against the average (policy="smoothed"). A variance
+#: from D degrees of freedom has a relative standard error of sqrt(2 / D): 8 gives 0.5. Per-sample
+#: statistics reach it in the first round; the workers' own batch gradients (BatchNorm in train
+#: mode, batch_statistics="worker") give M - 1 per round, so M = 2 workers wait 8 rounds: on digits
+#: (M = 2) the first round's single-degree estimate of the noise scale was 15-30x the later ones,
+#: and with the clip anchored to it the batch went to the cap within 3 rounds on 2 of 3 seeds.
+_MIN_DOF = 8
+
 #: Floor of the de-biased |G|^2 as a fraction of the observed ||g_bar||^2 (policy.debiased_sq_norm):
 #: 1 % keeps one noise-dominated round from asking for more than 100x the pooled batch.
 _SQ_NORM_FLOOR = 0.01
@@ -101,7 +110,11 @@ class VarianceTest:
     \operatorname{tr}\Sigma/N` (floored at 1 % of :math:`\lVert\bar g\rVert^2`); each numerator
     and this denominator enter their own bias-corrected moving average over the rounds, with an
     observation more than ``outlier_ratio`` times away from its average clipped; the test asks
-    for the ratio of the averages. With :math:`\eta = 1` the norm test then asks for a *global*
+    for the ratio of the averages. Until the variance estimates rest on 8 degrees of freedom
+    (relative standard error :math:`\sqrt{2/8} = 0.5`; per-sample statistics have them in the
+    first round, :math:`M` workers' batch gradients give :math:`M - 1` a round) nothing is
+    clipped and the batch does not grow: on digits with :math:`M = 2` the first round's
+    single-degree estimate was 15–30 times the later ones and sent the batch to the cap. With :math:`\eta = 1` the norm test then asks for a *global*
     batch :math:`Mb` equal to the simple gradient noise scale
     :math:`B_{\text{simple}} = \operatorname{tr}\Sigma/|G|^2` of McCandlish et al., 2018 —
     the batch size beyond which larger batches stop reducing the number of steps proportionally.
@@ -367,6 +380,7 @@ class VarianceTest:
             raise ValueError(f"Invalid outlier_ratio: {outlier_ratio!r} (expected > 1, or inf)")
         # Moving averages of the per-sample variances and of the de-biased |G|^2 (policy.py).
         self._ema = {k: EMA(self.smoothing) for k in _EMA_KEYS}
+        self._dof = 0  # degrees of freedom of the variance estimates so far, saved in state_dict
         self.backend = backend
         self.process_group = process_group
         self.every = int(every)
@@ -630,6 +644,11 @@ class VarianceTest:
         observed = self._observe(pooled, info)
         if observed is not None:
             return self._keep(batch_size, observed)
+        if self.policy != "paper" and self._dof < _MIN_DOF:  # too little evidence to grow yet
+            out = self._clamp(batch_size)
+            info.update(suggested=out, reason=f"warming up ({self._dof} of {_MIN_DOF} dof)")
+            self._last = self._clamp(max(batch_size, self._last or 0))
+            return out
         if self.policy == "paper":
             raw = info[f"raw_{self.test}"]
         else:
@@ -668,11 +687,13 @@ class VarianceTest:
         if bad:
             return f"non-finite statistic ({bad[0]} = {obs[bad[0]]})"
         info["sq_norm_debiased"] = obs["sq_norm"]
-        if self._ema["variance"].steps:
+        if self._dof >= _MIN_DOF:  # clip against an average that rests on enough evidence
             ref = self._ema["variance"].value / self._ema["sq_norm"].value
             obs["sq_norm"] = robust_sq_norm(v, obs["sq_norm"], ref, self.outlier_ratio)
         for key, x in obs.items():
             self._ema[key].update(x)
+        self._dof += pooled.count - 1
+        info["dof"] = self._dof
         m = pooled.world_size
         sv, sg = self._ema["variance"].value, self._ema["sq_norm"].value
         info.update(smoothed_variance=sv, smoothed_sq_norm=sg, noise_scale=sv / sg)
@@ -712,6 +733,7 @@ class VarianceTest:
         return {
             "calls": self._calls,
             "last_suggestion": self._last,
+            "dof": self._dof,
             "ema": {k: e.state_dict() for k, e in self._ema.items()},
         }
 
@@ -737,6 +759,10 @@ class VarianceTest:
                 emas[k].load_state_dict(state)
             except (KeyError, TypeError) as e:
                 raise ValueError(f"Invalid state_dict: ema[{k!r}]={state!r}") from e
+        dof = state_dict.get("dof", 0)
+        if not is_int(dof) or dof < 0:
+            raise ValueError(f"Invalid state_dict: dof={dof!r}")
         self._calls = int(calls)
         self._last = None if last is None else int(last)
         self._ema = emas
+        self._dof = int(dof)

@@ -502,10 +502,11 @@ def test_suggest_from_capture_equals_suggest(test):
     assert PublicStatsCapture is StatsCapture
     torch.manual_seed(0)
     model = TinyTransformer().double()
-    ids = torch.randint(1, 11, (5, 7))
-    y = torch.randint(0, 3, (5,))
+    ids = torch.randint(1, 11, (10, 7))  # 9 degrees of freedom: the smoothed policy decides
+    y = torch.randint(0, 3, (10,))
     ref = VarianceTest(model, F.cross_entropy, test=test, backend="hooks", max_batch_size=10**6)
     b_ref = ref.suggest(ids, y, 5)
+    assert ref.last_stats["reason"] is None
     with StatsCapture(model, grad_scale=0.5) as cap:
         (F.cross_entropy(model(ids), y) * 0.5).backward()
     vt = VarianceTest(model, F.cross_entropy, test=test, max_batch_size=10**6)

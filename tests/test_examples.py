@@ -30,13 +30,14 @@ import paper  # noqa: E402
 import tasks  # noqa: E402
 import train  # noqa: E402
 
-# A tiny adaptive run: 2 workers, H=2, b0=8 growing (eta=0.5 asks for more at once on digits).
+# A tiny adaptive run: 2 workers, H=2, b0=8 growing (eta=0.5 asks for more at once on digits)
+# once the workers' batch-gradient variance rests on 8 degrees of freedom (one a round, M = 2).
 TINY = [
     "--nproc", "2", "--strategy", "adaptive", "--eta", "0.5", "--batch-size", "8",
     "--max-batch-size", "32", "--sync-every", "2", "--epochs", "20", "--eval-every", "1",
     "--vt-backend", "microbatch", "--no-progress", "--seed", "3",
 ]  # fmt: skip
-ROUNDS = 6
+ROUNDS = 10
 
 
 def run_train(argv: list[str], timeout: float = 300.0) -> subprocess.CompletedProcess:

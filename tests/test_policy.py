@@ -410,3 +410,49 @@ def test_batchnorm_train_uses_the_workers_batch_gradients():
     assert VarianceTest(model, F.cross_entropy, policy="paper").batch_statistics == "backend"
     with pytest.raises(ValueError, match="batch_statistics"):
         VarianceTest(model, F.cross_entropy, batch_statistics="sample")
+
+
+def _two_unit_grads(mean0: float, gen: torch.Generator) -> list[list[torch.Tensor]]:
+    """Two micro-batch gradients around a mean (mean0, 0, ..., 0): one degree of freedom."""
+    mean = torch.zeros(D, dtype=torch.float64)
+    mean[0] = mean0
+    noise = torch.randn(D, generator=gen, dtype=torch.float64)
+    return [[(mean + noise)[None, :]], [(mean - noise)[None, :]]]
+
+
+def test_smoothed_policy_waits_for_enough_degrees_of_freedom():
+    """Units with one degree of freedom a round (M = 2 worker gradients, or 2 micro-batches): the
+    batch does not grow, and no round is clipped, before the variance rests on 8 of them."""
+    from local_opt.variance import _MIN_DOF
+
+    model = nn.Linear(D, 1, bias=False).double()
+    runs = {}
+    for first in (1e-3, 3.0):  # round 1 an outlier (gradients that nearly cancel), or not
+        gen = torch.Generator().manual_seed(0)
+        vt = VarianceTest(model, F.mse_loss, max_batch_size=10_000)
+        sizes, noise_scales = [], []
+        for r in range(_MIN_DOF + 2):
+            grads = _two_unit_grads(first if r == 0 else 3.0, gen)
+            sizes.append(vt.suggest_from_micro_batch_grads(grads, 4, 4))
+            noise_scales.append(vt.last_stats["noise_scale"])
+            if r + 1 < _MIN_DOF:
+                assert vt.last_stats["reason"].startswith("warming up")
+        assert sizes[: _MIN_DOF - 1] == [4] * (_MIN_DOF - 1)
+        runs[first] = noise_scales
+    outlier, clean = runs[1e-3], runs[3.0]
+    assert outlier[0] > 1000 * clean[0]
+    # Not clipped against round 1's average: by round 8 the ratio of the averages has forgotten
+    # the outlier (its weight in the |G|^2 average is ~8 %). A clip anchored to round 1 would
+    # have held every later round's noise scale at >= 1/4 of the average's.
+    assert outlier[_MIN_DOF - 1] == pytest.approx(clean[_MIN_DOF - 1], rel=0.15)
+    # Per-sample units (16 samples: 15 degrees of freedom) may grow in the first round.
+    model, x, y = least_squares(noise=3.0)
+    vt = VarianceTest(model, F.mse_loss, max_batch_size=10_000)
+    assert vt.suggest(x, y, 1) > 1
+    state = vt.state_dict()
+    assert state["dof"] == 15
+    fresh = VarianceTest(model, F.mse_loss, max_batch_size=10_000)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state
+    with pytest.raises(ValueError, match="dof"):
+        fresh.load_state_dict({**state, "dof": -1})

@@ -21,7 +21,7 @@ from local_opt.schedules import StagewiseBatchSize
 from local_opt.variance import VarianceTest
 from samplers import AdaptiveBatchSampler
 
-ROUNDS = 8
+ROUNDS = 12  # the variance test grows b = 2 once its variance rests on 8 degrees of freedom
 
 
 def _dataset() -> TensorDataset:
