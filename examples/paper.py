@@ -308,6 +308,61 @@ def late_table(task: str, by_strategy: dict[str, dict[int, dict[str, Any]]]) -> 
     return lines
 
 
+def diagnostics(
+    task: str, by_strategy: dict[str, dict[int, dict[str, Any]]], nproc: int
+) -> list[str]:
+    """What explains the adaptive runs' numbers, per seed: when the batch first grew against when
+    the target was reached, the batch size and the measured global noise scale
+    tr Σ / |G|² (VarianceTest's moving averages) at the target, the steps taken in the budget
+    (the final metric at equal samples depends on them) against constant-small's."""
+    small = by_strategy.get("constant-small", {})
+    lines = [
+        "| strategy | seed | rounds to target (constant-small's) | first growth after round "
+        "| b at target | noise scale at target | noise scale / (M b0) at target "
+        "| steps in the budget (constant-small's) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    b0 = SETUPS[task]["b0"]
+    for strategy in ("adaptive", "adaptive+coupling"):
+        for seed, run in sorted(by_strategy.get(strategy, {}).items()):
+            recs = run["records"]
+            grew = next((r["round"] for r in recs if r["next_batch_size"] > r["batch_size"]), None)
+            hit = run["rounds_to_target"]
+            at = next((r for r in recs if r["round"] == hit), None) if hit else None
+            ns = at.get("noise_scale") if at else None
+            ref = small.get(seed, {})
+            lines.append(
+                f"| {strategy} | {seed} | {hit if hit else 'never'} "
+                f"({ref.get('rounds_to_target') or '—'}) | {grew or 'never'} "
+                f"| {at['batch_size'] if at else '—'} "
+                f"| {'—' if ns is None else format(ns, '.1f')} "
+                f"| {'—' if ns is None else format(ns / (nproc * b0), '.2f')} "
+                f"| {run['steps']} ({ref.get('steps', '—')}) |"
+            )
+    return lines
+
+
+def seed_spread(task: str, by_strategy: dict[str, dict[int, dict[str, Any]]]) -> str:
+    """How much constant-small's final test metric moves between seeds, and what that means
+    for a per-seed tolerance (two runs that differ by chance alone, normal approximation)."""
+    runs = by_strategy.get("constant-small", {})
+    finals = [r[final_key(task)] for r in runs.values()]
+    if len(finals) < 2:
+        return ""
+    sd = statistics.stdev(finals)
+    acc = SETUPS[task]["metric"] == "acc"
+    tol = ACC_POINTS if acc else LOSS_NATS
+    unit = "points" if acc else "nats"
+    # P(|X - Y| <= tol) for X, Y independent N(., sd^2): erf(tol / (2 sd)).
+    p = math.erf(tol / (2 * sd)) if sd > 0 else 1.0
+    return (
+        f"Seed-to-seed standard deviation of constant-small's final test metric: {sd:.3g} "
+        f"{unit}. Two runs that differ by chance alone (normal approximation) are within the "
+        f"goal's {tol:g} {unit} of each other with probability {p:.2f} on one seed, "
+        f"{p ** len(finals):.2f} on all {len(finals)}."
+    )
+
+
 #: Shown (and passed) when adaptive reached the target and the baseline never did.
 NEVER_BASELINE = "baseline never"
 
@@ -546,7 +601,18 @@ def report(args: argparse.Namespace, elapsed: float | None, commit: str) -> list
                 line = f"{task} [{strategy}] {name}: {'PASS' if ok else 'FAIL'} ({detail})"
                 md.append(f"- {line}")
                 verdicts.append(line)
-        md.append("")
+        md += [
+            "",
+            "**What explains the adaptive runs** (from the runs' records; the noise scale is "
+            "`VarianceTest`'s moving-average tr Σ / |G|², global; the default η = 2 asks for a "
+            "global batch of a quarter of it, so the batch cannot grow while noise scale / (M b0) "
+            "is below 4):",
+            "",
+            *diagnostics(task, by, args.nproc),
+            "",
+            seed_spread(task, by),
+            "",
+        ]
         pareto_figure(task, by, os.path.join(args.docs, f"paper_{task}.png"))
     with open(os.path.join(args.docs, "results.md"), "w") as f:
         f.write("\n".join(md) + "\n")

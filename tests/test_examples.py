@@ -403,6 +403,25 @@ def test_paper_criteria_pass_and_fail_per_seed() -> None:
     assert paper.criteria("lm", runs)[0][1] is False
 
 
+def test_demo_verdict_checks_the_paper_claim_and_the_goal() -> None:
+    by_name = {
+        "constant-small": _summary(24, 6144, 900, 99.2),
+        "constant-large": _summary(6, 12288, 90, 98.3),
+        "stagewise": _summary(24, 6144, 900, 98.9),
+        "adaptive": _summary(10, 16128, 400, 97.5),
+    }
+    lines = compare.verdict(by_name, 97.0)
+    assert "2.40x fewer — holds" in lines[0]
+    assert "(-1.70 points) — FAILS (claim: within 1 point)" in lines[1]
+    assert lines[-5].startswith("Issue 14's goal on this seed")
+    assert lines[-4:] == [
+        "- rounds to target <= 0.5x constant-small: holds (0.42)",
+        "- samples to target <= 0.6x constant-large: FAILS (1.31)",
+        "- final test accuracy >= constant-small's - 0.5 points: FAILS (-1.70)",
+        "- bytes to target < stagewise's: holds (0.44)",
+    ]
+
+
 def test_paper_ramp_uses_half_the_budget() -> None:
     args = paper.build_parser().parse_args([])
     argv = paper.strategy_argv("digits", "linear", 0, args, budget=28800)
