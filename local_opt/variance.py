@@ -33,6 +33,7 @@ _POLICY_DEFAULTS: dict[str, dict[str, Any]] = {
         "growth": 2.0,
         "hysteresis": 0.05,
         "outlier_ratio": 4.0,
+        "min_dof": 8,
         "batch_statistics": "worker",
     },
     "paper": {
@@ -43,6 +44,7 @@ _POLICY_DEFAULTS: dict[str, dict[str, Any]] = {
         "growth": None,
         "hysteresis": 0.0,
         "outlier_ratio": None,
+        "min_dof": 0,
         "batch_statistics": "backend",
     },
 }
@@ -50,15 +52,6 @@ _POLICY_DEFAULTS: dict[str, dict[str, Any]] = {
 #: The moving averages kept by VarianceTest: per-sample variances (trace of the covariance, the
 #: variance along the mean gradient's direction, the orthogonal rest) and the de-biased |G|^2.
 _EMA_KEYS = ("variance", "direction_variance", "orthogonal_variance", "sq_norm")
-
-#: Degrees of freedom the smoothed policy's variance estimate must rest on before the batch may grow,
-#: and before a round's estimate is clipped against the average (policy="smoothed"). A variance
-#: from D degrees of freedom has a relative standard error of sqrt(2 / D): 8 gives 0.5. Per-sample
-#: statistics reach it in the first round; the workers' own batch gradients (BatchNorm in train
-#: mode, batch_statistics="worker") give M - 1 per round, so M = 2 workers wait 8 rounds: on digits
-#: (M = 2) the first round's single-degree estimate of the noise scale was 15-30x the later ones,
-#: and with the clip anchored to it the batch went to the cap within 3 rounds on 2 of 3 seeds.
-_MIN_DOF = 8
 
 #: Floor of the de-biased |G|^2 as a fraction of the observed ||g_bar||^2 (policy.debiased_sq_norm):
 #: 1 % keeps one noise-dominated round from asking for more than 100x the pooled batch.
@@ -110,11 +103,9 @@ class VarianceTest:
     \operatorname{tr}\Sigma/N` (floored at 1 % of :math:`\lVert\bar g\rVert^2`); each numerator
     and this denominator enter their own bias-corrected moving average over the rounds, with an
     observation more than ``outlier_ratio`` times away from its average clipped; the test asks
-    for the ratio of the averages. Until the variance estimates rest on 8 degrees of freedom
-    (relative standard error :math:`\sqrt{2/8} = 0.5`; per-sample statistics have them in the
-    first round, :math:`M` workers' batch gradients give :math:`M - 1` a round) nothing is
-    clipped and the batch does not grow: on digits with :math:`M = 2` the first round's
-    single-degree estimate was 15–30 times the later ones and sent the batch to the cap. With :math:`\eta = 1` the norm test then asks for a *global*
+    for the ratio of the averages. Until the variance estimates rest on ``min_dof`` degrees of
+    freedom (8: per-sample statistics have them in the first round, :math:`M` workers' batch
+    gradients give :math:`M - 1` a round) nothing is clipped and the batch does not grow. With :math:`\eta = 1` the norm test then asks for a *global*
     batch :math:`Mb` equal to the simple gradient noise scale
     :math:`B_{\text{simple}} = \operatorname{tr}\Sigma/|G|^2` of McCandlish et al., 2018 —
     the batch size beyond which larger batches stop reducing the number of steps proportionally.
@@ -214,6 +205,15 @@ class VarianceTest:
             its noise scale is within this factor of the averaged one before it is averaged in
             (default: 4, about the largest round-to-round jump of the smoothed noise scale
             measured on the LM, 27 to 104; ``math.inf`` turns the clip off).
+        min_dof (int, optional): degrees of freedom the variance estimates must rest on before
+            the batch may grow and before a round is clipped against the averages (default: 8:
+            a variance from :math:`D` degrees of freedom has a relative standard error of
+            :math:`\sqrt{2/D}`, 0.5 at 8; per-sample statistics of :math:`N` samples give
+            :math:`N - 1` at once, :math:`M` workers' batch gradients :math:`M - 1` a round, so
+            2 workers wait 8 rounds. Chosen after measuring digits with :math:`M = 2`: the first
+            round's single-degree estimate was 15–30 times the later ones and, with the clip
+            anchored to it, sent the batch to the cap within 3 rounds on 2 of 3 seeds). ``0``
+            decides from the first round.
         multiple_of (int): round a new batch size to a multiple of this, e.g. 8 for hardware
             friendly sizes (default: 1).
         batch_statistics (str, optional): what the variance is of when the model's BatchNorm
@@ -302,6 +302,7 @@ class VarianceTest:
         growth: float | None = None,
         hysteresis: float | None = None,
         outlier_ratio: float | None = None,
+        min_dof: int | None = None,
         multiple_of: int = 1,
         batch_statistics: str | None = None,
         backend: str = "auto",
@@ -334,6 +335,7 @@ class VarianceTest:
             "growth": growth,
             "hysteresis": hysteresis,
             "outlier_ratio": outlier_ratio,
+            "min_dof": min_dof,
         }
         if policy == "paper":
             given = [k for k, v in knobs.items() if v is not None]
@@ -378,6 +380,10 @@ class VarianceTest:
         )
         if self.outlier_ratio is not None and self.outlier_ratio <= 1.0:
             raise ValueError(f"Invalid outlier_ratio: {outlier_ratio!r} (expected > 1, or inf)")
+        d = defaults["min_dof"] if min_dof is None else min_dof
+        if not is_int(d) or d < 0:
+            raise ValueError(f"Invalid min_dof: {min_dof!r} (expected an int >= 0)")
+        self.min_dof = int(d)
         # Moving averages of the per-sample variances and of the de-biased |G|^2 (policy.py).
         self._ema = {k: EMA(self.smoothing) for k in _EMA_KEYS}
         self._dof = 0  # degrees of freedom of the variance estimates so far, saved in state_dict
@@ -644,9 +650,9 @@ class VarianceTest:
         observed = self._observe(pooled, info)
         if observed is not None:
             return self._keep(batch_size, observed)
-        if self.policy != "paper" and self._dof < _MIN_DOF:  # too little evidence to grow yet
+        if self._dof < self.min_dof:  # too little evidence to grow yet
             out = self._clamp(batch_size)
-            info.update(suggested=out, reason=f"warming up ({self._dof} of {_MIN_DOF} dof)")
+            info.update(suggested=out, reason=f"warming up ({self._dof} of {self.min_dof} dof)")
             self._last = self._clamp(max(batch_size, self._last or 0))
             return out
         if self.policy == "paper":
@@ -687,7 +693,7 @@ class VarianceTest:
         if bad:
             return f"non-finite statistic ({bad[0]} = {obs[bad[0]]})"
         info["sq_norm_debiased"] = obs["sq_norm"]
-        if self._dof >= _MIN_DOF:  # clip against an average that rests on enough evidence
+        if self._dof >= self.min_dof and self._ema["variance"].steps:  # an average to trust
             ref = self._ema["variance"].value / self._ema["sq_norm"].value
             obs["sq_norm"] = robust_sq_norm(v, obs["sq_norm"], ref, self.outlier_ratio)
         for key, x in obs.items():

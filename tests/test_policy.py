@@ -173,7 +173,7 @@ def _pooled(vt: VarianceTest):
 
 def test_paper_policy_refuses_the_smoothed_knobs():
     model, _, _ = least_squares()
-    for knob in ("smoothing", "growth", "hysteresis", "outlier_ratio"):
+    for knob in ("smoothing", "growth", "hysteresis", "outlier_ratio", "min_dof"):
         with pytest.raises(RuntimeError, match=knob):
             VarianceTest(model, F.mse_loss, policy="paper", **{knob: 0.5})
     for kwargs, match in [
@@ -183,6 +183,8 @@ def test_paper_policy_refuses_the_smoothed_knobs():
         ({"hysteresis": -0.1}, "hysteresis"),
         ({"outlier_ratio": 0.5}, "outlier_ratio"),
         ({"multiple_of": 0}, "multiple_of"),
+        ({"min_dof": -1}, "min_dof"),
+        ({"min_dof": 2.5}, "min_dof"),
     ]:
         with pytest.raises(ValueError, match=match):
             VarianceTest(model, F.mse_loss, **kwargs)
@@ -423,9 +425,9 @@ def _two_unit_grads(mean0: float, gen: torch.Generator) -> list[list[torch.Tenso
 def test_smoothed_policy_waits_for_enough_degrees_of_freedom():
     """Units with one degree of freedom a round (M = 2 worker gradients, or 2 micro-batches): the
     batch does not grow, and no round is clipped, before the variance rests on 8 of them."""
-    from local_opt.variance import _MIN_DOF
-
     model = nn.Linear(D, 1, bias=False).double()
+    _MIN_DOF = VarianceTest(model, F.mse_loss).min_dof
+    assert _MIN_DOF == 8
     runs = {}
     for first in (1e-3, 3.0):  # round 1 an outlier (gradients that nearly cancel), or not
         gen = torch.Generator().manual_seed(0)
@@ -456,3 +458,7 @@ def test_smoothed_policy_waits_for_enough_degrees_of_freedom():
     assert fresh.state_dict() == state
     with pytest.raises(ValueError, match="dof"):
         fresh.load_state_dict({**state, "dof": -1})
+    # min_dof=0 decides (and clips) from the first round: the policy before the warm-up existed.
+    gen = torch.Generator().manual_seed(0)
+    vt = VarianceTest(model, F.mse_loss, max_batch_size=10_000, min_dof=0)
+    assert vt.suggest_from_micro_batch_grads(_two_unit_grads(3.0, gen), 4, 4) > 4
