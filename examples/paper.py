@@ -23,7 +23,7 @@ Pareto figure per task, docs/paper_<task>.png. Runs go to --out/<task>/<strategy
 --resume finished runs (summary.json present) are kept, and --report-only only rewrites the
 report from the runs on disk.
 
-    python examples/paper.py                      # everything, about 25 minutes on 2 idle cores
+    python examples/paper.py                      # everything, about 11 minutes on 2 idle cores
     python examples/paper.py --tasks lm --seeds 0 # a part
 """
 
