@@ -22,16 +22,23 @@ The package: :mod:`.plan` (which modules and parameters are covered), :mod:`.cap
 hooks, :func:`hooks_grad_stats` and :class:`StatsCapture`), :mod:`.assemble` (rules to
 statistics, memory budget) and :mod:`.rules` (one module per layer family).
 
-Covered layers: ``nn.Linear`` (on vectors or on sequences, as in attention blocks),
-``nn.Conv1d``/``nn.Conv2d`` (any stride, padding, dilation and groups), ``nn.Embedding``,
-``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d`` and timm's ``LayerNorm``,
-``LayerNorm2d``, ``GroupNorm``, ``LayerScale``, ``BatchNormAct2d``; subclasses that do not
-override ``forward`` too.
-A *bare* parameter (owned by a module without a rule, like timm ViT's ``cls_token`` and
-``pos_embed``) is covered when its first dimension is 1 and it has at least 2 dimensions: such a
-parameter is broadcast along the batch dimension, so the pass uses ``N`` copies of it (one per
-sample, via :func:`torch.func.functional_call`) and autograd returns its per-sample gradients
-directly. That this substitution leaves the model's output unchanged is checked once per model.
+Covered layers (one rule module each in :mod:`.rules`): ``nn.Linear`` (on vectors or on
+sequences) and timm's ``Linear``; ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` (any
+stride, padding, dilation and groups); ``nn.Embedding``; ``nn.LayerNorm``, ``nn.GroupNorm``,
+``nn.BatchNorm1d/2d/3d``, ``nn.RMSNorm``, ``nn.InstanceNorm*`` (affine), global response norm
+and timm's ``LayerNorm``, ``LayerNorm2d``, ``GroupNorm``, ``RmsNorm``, ``BatchNormAct2d``,
+``LayerScale``; ``nn.PReLU``; ``nn.MultiheadAttention`` (so ``nn.TransformerEncoder`` and
+``DecoderLayer``) and ``nn.LSTM``/``nn.GRU``, whose functional uses of their parameters are
+computed in visible pieces while they run (:mod:`.rules.attention`, :mod:`.rules.recurrent`);
+weights tied between ``nn.Linear``/``nn.Embedding`` modules, with the cross terms
+(:mod:`.rules.tied`); subclasses that do not override ``forward``.
+A *bare* parameter (owned by a module without a rule: ViT's ``cls_token`` and ``pos_embed``,
+ConvNeXt's ``gamma``, a positional table used as ``self.pos[:T]``, Swin's relative-position
+tables) is covered when it meets the batch by broadcasting, slicing, indexing or reshaping
+(:mod:`.rules.bare`); a parameter broadcast along the batch dimension is replaced by ``N``
+copies (one per sample) and autograd returns its per-sample gradients directly. That these
+substitutions leave the model's output unchanged is checked once per model. The README's
+"Model coverage" section lists which timm models are covered.
 
 .. note::
     **BatchNorm in training mode** couples the samples of a batch, so a per-sample gradient
@@ -47,9 +54,10 @@ directly. That this substitution leaves the model's output unchanged is checked 
 backward instead of a separate pass. :func:`unsupported_layers` names what is not covered (the
 ``"auto"`` backend choice falls back to vmap or micro-batches for such models).
 
-Assumptions: ``loss_fn`` is mean-reduced over the batch; a parameter is not registered in two
-modules (reported by :func:`unsupported_layers`). A covered parameter that also gets gradient
-outside its module's ``forward`` is detected, never counted as zero (:mod:`.check`).
+Assumptions: ``loss_fn`` is mean-reduced over the batch. A covered parameter that also gets
+gradient outside what the rules saw is detected by comparing the hooks' gradient sum with the
+batch gradient, never counted as zero (:mod:`.check`); the backends' registry then falls back to
+``vmap`` with a warning naming the parameter.
 """
 
 from local_opt.backends.hooks.assemble import release_workspaces

@@ -61,13 +61,18 @@ class UnaccountedGradient(RuntimeError):
         names (list[str]): the qualified names of those parameters.
     """
 
-    def __init__(self, names: Sequence[str]) -> None:
+    #: Why, when the caller does not say: the accounting check of :func:`check_sums` failed.
+    SUMS = (
+        "the per-sample contributions it computed do not add up to the batch gradient (the "
+        "parameter is also used outside its module's forward, or its module's forward never ran)"
+    )
+
+    def __init__(self, names: Sequence[str], reason: str | None = None) -> None:
         self.names = list(names)
+        self.reason = self.SUMS if reason is None else reason
         super().__init__(
-            f"The hooks backend did not see every use of {', '.join(self.names)}: the per-sample "
-            "contributions it computed do not add up to the batch gradient (the parameter is "
-            "also used outside its module's forward, or its module's forward never ran); use "
-            "the vmap or micro-batch backend"
+            f"The hooks backend did not see every use of {', '.join(self.names)}: {self.reason}; "
+            "use the vmap or micro-batch backend"
         )
 
 
@@ -214,8 +219,8 @@ def warn_unaccounted(model: nn.Module, error: UnaccountedGradient) -> None:
             else ""
         )
         warnings.warn(
-            f"The hooks backend did not see every use of {', '.join(error.names)} (the "
-            "per-sample contributions do not add up to the batch gradient); using the exact "
+            f"The hooks backend did not see every use of {', '.join(error.names)} "
+            f"({getattr(error, 'reason', UnaccountedGradient.SUMS)}); using the exact "
             f"'vmap' backend for this model instead{cost}",
             RuntimeWarning,
             stacklevel=4,

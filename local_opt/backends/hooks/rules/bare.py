@@ -494,7 +494,9 @@ class BareRule(Rule):
             if model not in _PROBED:
                 why = check_rows(model, params, args, kwargs)
                 if why is not None:
-                    raise UnaccountedGradient([f"{site.name} ({why})"])
+                    raise UnaccountedGradient(
+                        [site.name], f"its use failed the off-batch probe ({why})"
+                    )
                 _PROBED[model] = ()
 
             def on_use(use: Use) -> None:
@@ -521,7 +523,9 @@ class BareRule(Rule):
                 return
             mode.__exit__(None, None, None)
             if mode.trace.unsupported:
-                raise UnaccountedGradient([f"{site.name} ({mode.trace.unsupported[0]})"])
+                raise UnaccountedGradient(
+                    [site.name], f"a use it cannot follow ({mode.trace.unsupported[0]})"
+                )
 
         return [
             model.register_forward_pre_hook(pre, with_kwargs=True),
