@@ -810,3 +810,44 @@ def test_unseen_gradient_fallback_says_when_it_is_the_quadratic_path():
     x, y = _accounting_data((6, 5))
     with pytest.warns(RuntimeWarning, match=r"0\.fc\.weight.*O\(b\^2\)"):
         hooks_stats(model, F.cross_entropy, x, y)
+
+
+class PatchFold(nn.Module):
+    """MobileViT's layout: image patches folded into the batch dimension before a transformer
+    block, so the block's layers see N·P rows for N samples."""
+
+    def __init__(self, norm: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.LayerNorm(4) if norm else nn.Identity()
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4 * 16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        h = self.conv(x)  # (N, 4, 4, 4)
+        p = h.reshape(n, 4, 2, 2, 2, 2).permute(0, 2, 4, 3, 5, 1).reshape(n * 4, 4, 4)
+        p = p + self.mix(self.norm(p))  # (N·P, L, C): rows are patches, not samples
+        return self.head(p.reshape(n, -1))
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_rows_that_are_not_samples_go_to_vmap_loudly(norm):
+    """A layer that sees N·P rows (patches folded into the batch) cannot be split by sample:
+    never silently wrong, never an unhelpful shape error; the exact vmap statistics instead."""
+    from local_opt import VarianceTest
+    from local_opt.backends.hooks.check import UnsupportedShapes
+
+    torch.manual_seed(0)
+    model = PatchFold(norm).double()
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1])
+    name = "norm" if norm else "mix"
+    with pytest.raises(UnsupportedShapes, match=rf"rows of {name} .*\[12\] for 3 samples"):
+        hooks_grad_stats(model, F.cross_entropy, x, y)
+    ref = pool(vmap_stats_of(model, x, y))
+    vt = VarianceTest(model, F.cross_entropy, backend="hooks", min_dof=0)
+    with pytest.warns(RuntimeWarning, match=rf"cannot split the rows of {name} by sample"):
+        vt.suggest(x, y, 3)
+    assert vt.last_stats["backend"] == "vmap"
+    assert vt.last_stats["sq_norm_sum"] == pytest.approx(ref.sq_norm_sum, rel=1e-12)

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from local_opt._stats import GradStats, reduce_units
-from local_opt.backends.hooks.rules import Memory, Site
+from local_opt.backends.hooks.check import UnsupportedShapes
+from local_opt.backends.hooks.rules import LayerStats, Memory, Site
 
 __all__: list[str] = []  # private module
 
@@ -70,6 +71,27 @@ def _give_back(workspaces: dict[tuple[torch.dtype, torch.device], Tensor]) -> No
             _WORKSPACES[key] = buf
 
 
+def _finish(site: Site, n: int, memory: Memory) -> LayerStats:
+    """``site.rule.finish`` with one guarantee: one row per sample, or :class:`UnsupportedShapes`.
+
+    A rule fails (or would broadcast) when the layer's saved tensors do not have the ``n``
+    samples along their first dimension, e.g. when a model folds image patches into the batch
+    dimension; the backend then hands the model to ``vmap`` with a warning naming the layer."""
+    rows = sorted({int(c.delta.shape[0]) for c in site.calls if c.delta is not None and c.delta.dim()})
+    try:
+        st = site.rule.finish(site, n, memory)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:
+        seen = f"saved rows {rows} for {n} samples; " if rows and rows != [n] else ""
+        raise UnsupportedShapes([site.name], f"{seen}{type(e).__name__}: {e}") from e
+    if tuple(st.sq_norms.shape) != (n,):
+        raise UnsupportedShapes(
+            [site.name], f"{tuple(st.sq_norms.shape)} per-sample norms for {n} samples"
+        )
+    return st
+
+
 def assemble(
     params: list[nn.Parameter],
     sites: list[Site],
@@ -107,7 +129,7 @@ def assemble(
     workspaces = _acquire(sites, n)
     memory = Memory(free, workspaces)
     for j, s in enumerate(sites):
-        st = s.rule.finish(s, n, memory)
+        st = _finish(s, n, memory)
         layers.append(st)
         sq += st.sq_norms.to(sq.device)
         for k, p in s.params.items():

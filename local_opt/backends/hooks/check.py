@@ -43,7 +43,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["UnaccountedGradient"]
+__all__ = ["UnaccountedGradient", "UnsupportedShapes"]
 
 _LOW_RTOL = 3e-2
 _RTOL = {torch.float64: 1e-6, torch.float32: 1e-3}
@@ -70,10 +70,23 @@ class UnaccountedGradient(RuntimeError):
     def __init__(self, names: Sequence[str], reason: str | None = None) -> None:
         self.names = list(names)
         self.reason = self.SUMS if reason is None else reason
-        super().__init__(
-            f"The hooks backend did not see every use of {', '.join(self.names)}: {self.reason}; "
-            "use the vmap or micro-batch backend"
-        )
+        super().__init__(f"The hooks backend {self.headline}; use the vmap or micro-batch backend")
+
+    @property
+    def headline(self) -> str:
+        """What went wrong, for the error and for the fallback's warning."""
+        return f"did not see every use of {', '.join(self.names)} ({self.reason})"
+
+
+class UnsupportedShapes(UnaccountedGradient):
+    """A covered layer's saved tensors do not have one row per sample (e.g. MobileViT folds
+    image patches into the batch dimension before its transformer blocks), so the rule cannot
+    split them by sample. Handled like :class:`UnaccountedGradient`: the model goes to ``vmap``.
+    """
+
+    @property
+    def headline(self) -> str:
+        return f"cannot split the rows of {', '.join(self.names)} by sample ({self.reason})"
 
 
 def _key(model: nn.Module, params: Sequence[Tensor]) -> tuple:
@@ -219,9 +232,8 @@ def warn_unaccounted(model: nn.Module, error: UnaccountedGradient) -> None:
             else ""
         )
         warnings.warn(
-            f"The hooks backend did not see every use of {', '.join(error.names)} "
-            f"({getattr(error, 'reason', UnaccountedGradient.SUMS)}); using the exact "
-            f"'vmap' backend for this model instead{cost}",
+            f"The hooks backend {error.headline}; using the exact 'vmap' backend for this "
+            f"model instead{cost}",
             RuntimeWarning,
             stacklevel=4,
         )
