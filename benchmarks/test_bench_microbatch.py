@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _ratio import interleaved_ratio, quick, record
+from _ratio import device, interleaved_ratio, quick, record
 from torch import nn
 
 from local_opt import VarianceTest
@@ -33,7 +33,8 @@ def _setup(small: bool, batch: int = 64):
 
         model = timm.create_model("resnet18", num_classes=10)
         x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    return model, x, y
+    dev = device()  # the CPU unless make gpu-check
+    return model.to(dev), x.to(dev), y.to(dev)
 
 
 def _step_plain(model, opt, x, y):

@@ -18,9 +18,11 @@ Measurements, each a ratio of medians against the baseline in the same process, 
 * ``sizes``: resnet18 at 32, 64, 128 and 224 px (the cost model must hold across sizes);
 * ``vmap``: ``torch.func`` per-sample gradients (32 px models, one round; it is slow).
 
-Peak memory is measured per method in a fresh subprocess: the kernel's high-water mark of the
-resident size (``VmHWM`` after ``/proc/self/clear_refs``) during a second call, minus the resident
-size before it (after ``malloc_trim``). The goal compares the *extra* peak of ``suggest`` over the
+Under ``make gpu-check`` (``LOCAL_OPT_BENCH_DEVICE=cuda``) models and batches are on the GPU and
+peak memory is the CUDA allocator's high-water mark above what was allocated before the call.
+Otherwise peak memory is measured per method in a fresh subprocess: the kernel's high-water
+mark of the resident size (``VmHWM`` after ``/proc/self/clear_refs``) during a second call, minus
+the resident size before it (after ``malloc_trim``). The goal compares the *extra* peak of ``suggest`` over the
 step's with the model's own activation memory: the bytes of the tensors autograd saves in one
 training forward (``saved_tensors_hooks``, each storage counted once).
 
@@ -42,7 +44,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from _ratio import interleaved_ratio, quick, record
+from _ratio import device, interleaved_ratio, quick, record
 from torch import nn
 
 from local_opt import StatsCapture, VarianceTest
@@ -108,8 +110,8 @@ def make(name: str, batch: int, px: int = 224, small: bool = False):
     torch.manual_seed(0)
     if name == "gpt":
         vocab, dim, layers, context = (64, 32, 2, 16) if small else (4096, 256, 4, 256)
-        model = GPT(vocab, dim, layers, 4, context)
-        ids = torch.randint(0, vocab, (batch, context + 1))
+        model = GPT(vocab, dim, layers, 4, context).to(device())
+        ids = torch.randint(0, vocab, (batch, context + 1)).to(device())
         return model, ids[:, :-1], ids[:, 1:], lm_loss
     if name.startswith("resnet18"):
         model = timm.create_model("resnet18", pretrained=False, num_classes=10)
@@ -120,7 +122,8 @@ def make(name: str, batch: int, px: int = 224, small: bool = False):
     else:
         model = timm.create_model(name, pretrained=False, num_classes=10)
     model.train(not name.endswith("_eval"))
-    return model, torch.randn(batch, 3, px, px), torch.randint(0, 10, (batch,)), F.cross_entropy
+    x, y = torch.randn(batch, 3, px, px), torch.randint(0, 10, (batch,))
+    return model.to(device()), x.to(device()), y.to(device()), F.cross_entropy
 
 
 def step(model: nn.Module, x, y, loss_fn) -> None:
@@ -196,6 +199,14 @@ def peak_child(name: str, method: str, batch: int, px: int) -> None:
     METHODS[method](model, x, y, loss_fn)
     release_workspaces()
     gc.collect()
+    if x.is_cuda:  # the allocator's own high-water mark (make gpu-check)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        METHODS[method](model, x, y, loss_fn)
+        torch.cuda.synchronize()
+        print(json.dumps({"peak_mib": (torch.cuda.max_memory_allocated() - before) / 2**20}))
+        return
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
