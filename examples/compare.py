@@ -10,7 +10,8 @@ learning-rate schedule, changing only how the per-worker batch size evolves:
 
 then prints a markdown table (rounds to --target-acc on the validation split, final test
 accuracy, samples, bytes communicated per worker, wall time), checks the paper's claim and issue
-14's goal on this seed, and writes one comparison plot. The adaptive run uses VarianceTest's defaults unless --eta/--theta are given.
+14's goal on this seed, and writes one comparison plot. The adaptive run uses VarianceTest's
+defaults unless --eta/--theta are given.
 
     python examples/compare.py --nproc 4 --out runs/demo
 

@@ -105,10 +105,11 @@ class VarianceTest:
     observation more than ``outlier_ratio`` times away from its average clipped; the test asks
     for the ratio of the averages. Until the variance estimates rest on ``min_dof`` degrees of
     freedom (8: per-sample statistics have them in the first round, :math:`M` workers' batch
-    gradients give :math:`M - 1` a round) nothing is clipped and the batch does not grow. With :math:`\eta = 1` the norm test then asks for a *global*
-    batch :math:`Mb` equal to the simple gradient noise scale
-    :math:`B_{\text{simple}} = \operatorname{tr}\Sigma/|G|^2` of McCandlish et al., 2018 —
-    the batch size beyond which larger batches stop reducing the number of steps proportionally.
+    gradients give :math:`M - 1` a round) nothing is clipped and the batch does not grow. With
+    :math:`\eta = 1` the norm test then asks for a *global* batch :math:`Mb` equal to the
+    simple gradient noise scale :math:`B_{\text{simple}} = \operatorname{tr}\Sigma/|G|^2` of
+    McCandlish et al., 2018 — the batch size beyond which larger batches stop reducing the number
+    of steps proportionally.
     The batch moves only when the test asks for more than ``1 + hysteresis`` times it, by at
     most ``growth`` times per round, rounded to ``multiple_of``, never above the cap (the cap
     always wins, also on kept and skipped rounds) and never down.

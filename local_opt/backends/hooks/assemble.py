@@ -17,6 +17,9 @@ from local_opt.backends.hooks.rules import LayerStats, Memory, Site
 
 __all__: list[str] = []  # private module
 
+#: Out-of-memory errors are re-raised as they are (torch.OutOfMemoryError is torch >= 2.5).
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
 
 def grant_keep(sites: list[Site], n: int, keep_bytes: int, mode: str) -> int:
     """Set ``site.mode``: forced modes everywhere, or ``"keep"`` for the layers that save the most
@@ -77,10 +80,12 @@ def _finish(site: Site, n: int, memory: Memory) -> LayerStats:
     A rule fails (or would broadcast) when the layer's saved tensors do not have the ``n``
     samples along their first dimension, e.g. when a model folds image patches into the batch
     dimension; the backend then hands the model to ``vmap`` with a warning naming the layer."""
-    rows = sorted({int(c.delta.shape[0]) for c in site.calls if c.delta is not None and c.delta.dim()})
+    rows = sorted(
+        {int(c.delta.shape[0]) for c in site.calls if c.delta is not None and c.delta.dim()}
+    )
     try:
         st = site.rule.finish(site, n, memory)
-    except torch.OutOfMemoryError:
+    except _OOM:
         raise
     except RuntimeError as e:
         seen = f"saved rows {rows} for {n} samples; " if rows and rows != [n] else ""
