@@ -184,7 +184,9 @@ class VarianceTest:
             0.55 nats above constant-small on the LM (README, "Choice of η"). 0.1 with
             ``policy="paper"``, the reference implementation's default (see the note below).
         theta (float, optional): :math:`\vartheta` of the (augmented) inner-product test
-            (default: 0.9, Bollapragada et al., 2018, for both policies).
+            (default: 0.9, Bollapragada et al., 2018, for both policies; not tuned here. In
+            ``make paper`` it asks for far smaller batches than the norm test with
+            :math:`\eta = 2`: on the LM the batch stays near :math:`b_0`; README, "Also").
         nu (float, optional): :math:`\nu` of the orthogonality part of the augmented test
             (default: 5.84, Bollapragada et al., 2018, for both policies).
         max_batch_size (int, optional): cap on the suggested per-worker batch size
@@ -248,8 +250,9 @@ class VarianceTest:
             on skipped rounds) and ``reason`` (why the batch size was kept, or None). The raw
             ``raw_*`` are the published one-round formulas with either policy; ``raw`` is what
             the decision used: with ``policy="smoothed"`` the test's ``smoothed_*`` value, next
-            to ``sq_norm_debiased`` (this round), ``smoothed_variance``, ``smoothed_sq_norm``
-            and ``noise_scale`` (their ratio, the global :math:`B_{\text{simple}}`).
+            to ``sq_norm_debiased`` (this round), ``smoothed_variance``, ``smoothed_sq_norm``,
+            ``noise_scale`` (their ratio, the global :math:`B_{\text{simple}}`) and ``dof``
+            (degrees of freedom so far; ``reason`` says "warming up" below ``min_dof``).
 
     Example::
 
