@@ -608,7 +608,7 @@ def report(args: argparse.Namespace, elapsed: float | None, commit: str) -> list
             "**What explains the adaptive runs** (from the runs' records; the noise scale is "
             "`VarianceTest`'s moving-average tr Σ / |G|², global; the default η = 2 asks for a "
             "global batch of a quarter of it, so the batch cannot grow while noise scale / (M b0) "
-            "is below 4):",
+            "is below about 4):",
             "",
             *diagnostics(task, by, args.nproc),
             "",

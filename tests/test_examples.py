@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pickle
+import statistics
 import subprocess
 import sys
 
@@ -401,6 +403,27 @@ def test_paper_criteria_pass_and_fail_per_seed() -> None:
     assert paper.criteria("lm", runs)[1][1:] == (True, "seeds [0, 1]: 0.60, baseline never")
     runs["adaptive"][0]["rounds_to_target"] = None  # a seed that never reaches the target fails
     assert paper.criteria("lm", runs)[0][1] is False
+
+
+def test_paper_diagnostics_and_seed_spread() -> None:
+    def rec(rnd: int, b: int, nxt: int, ns: float) -> dict:
+        return {"round": rnd, "batch_size": b, "next_batch_size": nxt, "noise_scale": ns}
+
+    records = [rec(1, 4, 4, 10.0), rec(2, 4, 8, 40.0), rec(3, 8, 8, 48.0)]
+    by = {
+        "constant-small": {0: {**_summary(6, 96, 9, 1.70), "steps": 100},
+                           1: {**_summary(6, 96, 9, 1.72), "steps": 100}},  # fmt: skip
+        "adaptive": {0: {**_summary(3, 80, 4, 1.75), "steps": 40, "records": records}},
+    }
+    lines = paper.diagnostics("lm", by, nproc=2)
+    # reached at round 3 (constant-small: 6), first grew after round 2, b = 8 and noise scale 48
+    # there, 48 / (M b0) = 48 / 8 = 6, 40 steps against 100
+    assert lines[2] == "| adaptive | 0 | 3 (6) | 2 | 8 | 48.0 | 6.00 | 40 (100) |"
+    text = paper.seed_spread("lm", by)
+    sd = statistics.stdev([1.70, 1.72])
+    p = math.erf(0.03 / (2 * sd))  # P(|X - Y| <= 0.03) for two N(., sd^2) runs
+    assert f"{sd:.3g} nats" in text and f"probability {p:.2f} on one seed" in text
+    assert f"{p ** 2:.2f} on all 2" in text
 
 
 def test_demo_verdict_checks_the_paper_claim_and_the_goal() -> None:
