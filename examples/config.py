@@ -260,6 +260,13 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         help="inner-product test threshold theta (default: VarianceTest's)",
     )
     g.add_argument(
+        "--min-dof",
+        type=int,
+        default=None,
+        help="degrees of freedom the variance must rest on before the batch grows; 0 decides "
+        "from the first round (default: VarianceTest's)",
+    )
+    g.add_argument(
         "--nu",
         type=float,
         default=None,

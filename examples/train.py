@@ -70,7 +70,7 @@ def make_policy(args: argparse.Namespace, model: nn.Module, loss_fn: Any) -> Any
     VarianceTest's defaults.
     """
     if args.strategy == "adaptive":
-        names = ("eta", "theta", "nu", "policy")
+        names = ("eta", "theta", "nu", "policy", "min_dof")
         given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
         return VarianceTest(
             model,

@@ -19,6 +19,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -219,6 +220,18 @@ def test_help_documents_every_flag() -> None:
 
 
 # -------------------------------------------------------------------------------- units
+def test_policy_gets_only_the_flags_given() -> None:
+    model = torch.nn.Linear(3, 2)
+    vt = train.make_policy(train.parse_args(["--strategy", "adaptive"]), model, F.cross_entropy)
+    assert (vt.eta, vt.min_dof, vt.policy) == (2.0, 8, "smoothed")  # VarianceTest's defaults
+    argv = ["--strategy", "adaptive", "--eta", "1.5", "--min-dof", "0"]
+    vt = train.make_policy(train.parse_args(argv), model, F.cross_entropy)
+    assert (vt.eta, vt.min_dof) == (1.5, 0)
+    vt = train.make_policy(train.parse_args(["--strategy", "adaptive", "--policy", "paper"]),
+                           model, F.cross_entropy)  # fmt: skip
+    assert (vt.eta, vt.min_dof, vt.policy) == (0.1, 0, "paper")
+
+
 def test_lr_schedule() -> None:
     lr = lambda s: _common.lr_at(s, 1000, 0.1, warmup=0.1)  # noqa: E731
     assert lr(50) == pytest.approx(0.05)  # half-way through the warm-up
