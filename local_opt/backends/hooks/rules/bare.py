@@ -28,8 +28,9 @@ covered layer that override its ``forward`` are not given to it: they are report
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -289,6 +290,36 @@ OFF_BATCH: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _SEEN: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
+def _first_samples(args: tuple, kwargs: dict | None) -> tuple[tuple, dict, int]:
+    """``(args, kwargs, m)`` cut to their first ``m = min(3, n)`` samples: every tensor with the
+    ``n`` samples of ``args[0]`` along dimension 0 is sliced, anything else passed as is."""
+    n = int(args[0].shape[0])
+    m = min(3, n)
+
+    def head(t: Any) -> Any:
+        return t[:m] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n else t
+
+    return tuple(tree_map(head, list(args))), tree_map(head, kwargs or {}), m
+
+
+@contextlib.contextmanager
+def _probing(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no grad for a probe's forward passes; every module's mode and every buffer
+    are restored afterwards."""
+    modes = {mod: mod.training for mod in model.modules()}
+    saved = {k: b.detach().clone() for k, b in model.named_buffers()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for mod, t in modes.items():
+            mod.train(t)
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                b.copy_(saved[k])
+
+
 def find_off_batch(model: nn.Module, args: tuple, kwargs: dict | None = None) -> bool:
     """Once per model: run ``model.forward`` on at most 3 samples (eval mode, no grad, state
     restored) and add to :data:`OFF_BATCH` the covered layers whose input never derives from the
@@ -296,15 +327,7 @@ def find_off_batch(model: nn.Module, args: tuple, kwargs: dict | None = None) ->
     if model in _SEEN or not args or not isinstance(args[0], Tensor) or args[0].dim() == 0:
         return False
     _SEEN.add(model)
-    kwargs = kwargs or {}
-    n = int(args[0].shape[0])
-    m = min(3, n)
-
-    def head(t: Any) -> Any:
-        return t[:m] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n else t
-
-    small = tuple(tree_map(head, list(args)))
-    small_kw = tree_map(head, kwargs)
+    small, small_kw, m = _first_samples(args, kwargs)
     covered = [
         mod
         for mod in model.modules()
@@ -321,23 +344,15 @@ def find_off_batch(model: nn.Module, args: tuple, kwargs: dict | None = None) ->
             on = mode._has(mode._batch, x) or (x.dim() > 0 and x.shape[0] == m)
             fed[mod] = fed.get(mod, False) or on
 
-    modes = {mod: mod.training for mod in model.modules()}
-    saved = {k: b.detach().clone() for k, b in model.named_buffers()}
     handles = [mod.register_forward_pre_hook(record) for mod in covered]
     try:
-        model.eval()
-        with torch.no_grad(), mode:
+        with _probing(model), mode:
             model.forward(*small, **small_kw)
     except Exception:  # noqa: BLE001 - the pass itself will report what fails
         return False
     finally:
         for h in handles:
             h.remove()
-        for mod, t in modes.items():
-            mod.train(t)
-        with torch.no_grad():
-            for k, b in model.named_buffers():
-                b.copy_(saved[k])
     off = [mod for mod, on in fed.items() if not on]
     OFF_BATCH.update(off)
     return bool(off)
@@ -351,18 +366,7 @@ def check_rows(
     Runs ``model.forward`` (in eval mode, without grad, the model's state restored) on at most 3
     samples, and again with one sample's input changed: only that sample's rows may change.
     """
-    kwargs = kwargs or {}
-    n = int(args[0].shape[0])
-    m = min(3, n)
-
-    def head(t: Any) -> Any:
-        return t[:m] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n else t
-
-    small = tuple(tree_map(head, list(args)))
-    small_kw = tree_map(head, kwargs)
-    modes = {mod: mod.training for mod in model.modules()}
-    saved = {k: b.detach().clone() for k, b in model.named_buffers()}
-
+    small, small_kw, m = _first_samples(args, kwargs)
     linears = [
         mod
         for mod in model.modules()
@@ -390,44 +394,36 @@ def check_rows(
                 h.remove()
         return mode.trace
 
-    try:
-        model.eval()
-        with torch.no_grad():
-            base = run(small)
-            if base.unsupported:
-                return base.unsupported[0]
-            changed = [False] * len(base.outputs)
-            for j in sorted({0, m - 1}):
-                other = run((_perturbed(small[0], j), *small[1:]))
-                if other.signature() != base.signature():
-                    return "the ops on bare parameters depend on the input"
-                for i, (a, b) in enumerate(zip(base.outputs, other.outputs)):
-                    rows = a.shape[0]
-                    if rows % m:
-                        return f"{base.uses[i].op}: {rows} rows for {m} samples"
-                    k = rows // m
-                    diff = (a != b).reshape(rows, -1).any(1)
-                    own = torch.zeros(rows, dtype=torch.bool, device=diff.device)
-                    own[j * k : (j + 1) * k] = True
-                    if bool((diff & ~own).any()):
-                        return (
-                            f"{base.uses[i].op}: a sample's input changes other samples' rows "
-                            "(the batch is not along dimension 0)"
-                        )
-                    # an operand that does not depend on the input (a pooling residual of a
-                    # 1x1 map is 0) cannot show its layout: accepted with one row per sample
-                    changed[i] = changed[i] or bool(diff.any()) or k == 1
-            if m > 1 and not all(changed):
-                return "could not check which sample the rows of an op belong to"
-            for u in base.uses:  # Linear layers whose k·N input rows are sample-major
-                if getattr(u, "module", None) is not None:
-                    FOLDABLE.add(u.module)  # type: ignore[attr-defined]
-    finally:
-        for mod, t in modes.items():
-            mod.train(t)
-        with torch.no_grad():
-            for k, b in model.named_buffers():
-                b.copy_(saved[k])
+    with _probing(model):
+        base = run(small)
+        if base.unsupported:
+            return base.unsupported[0]
+        changed = [False] * len(base.outputs)
+        for j in sorted({0, m - 1}):
+            other = run((_perturbed(small[0], j), *small[1:]))
+            if other.signature() != base.signature():
+                return "the ops on bare parameters depend on the input"
+            for i, (a, b) in enumerate(zip(base.outputs, other.outputs)):
+                rows = a.shape[0]
+                if rows % m:
+                    return f"{base.uses[i].op}: {rows} rows for {m} samples"
+                k = rows // m
+                diff = (a != b).reshape(rows, -1).any(1)
+                own = torch.zeros(rows, dtype=torch.bool, device=diff.device)
+                own[j * k : (j + 1) * k] = True
+                if bool((diff & ~own).any()):
+                    return (
+                        f"{base.uses[i].op}: a sample's input changes other samples' rows "
+                        "(the batch is not along dimension 0)"
+                    )
+                # an operand that does not depend on the input (a pooling residual of a
+                # 1x1 map is 0) cannot show its layout: accepted with one row per sample
+                changed[i] = changed[i] or bool(diff.any()) or k == 1
+        if m > 1 and not all(changed):
+            return "could not check which sample the rows of an op belong to"
+        for u in base.uses:  # Linear layers whose k·N input rows are sample-major
+            if getattr(u, "module", None) is not None:
+                FOLDABLE.add(u.module)  # type: ignore[attr-defined]
     return None
 
 

@@ -50,10 +50,9 @@ class BatchNormRule(DiagonalRule):
         )
 
 
-class BatchNormActRule(BatchNormRule):
-    """timm's ``BatchNormAct2d``: BatchNorm2d, then its ``drop`` and ``act`` submodules. ``δ`` is
-    taken at the BatchNorm output, which is the input of ``drop`` (before an in-place
-    activation overwrites it)."""
+class _WithAct:
+    """timm's fused norm + ``drop`` + ``act`` layers: ``δ`` at the normalization's output, the
+    input of ``drop`` (before an in-place activation overwrites it)."""
 
     def unsupported(self, module: nn.Module) -> str | None:
         for name in ("drop", "act"):
@@ -63,6 +62,10 @@ class BatchNormActRule(BatchNormRule):
 
     def output_child(self, module: nn.Module) -> nn.Module | None:
         return module.drop
+
+
+class BatchNormActRule(_WithAct, BatchNormRule):
+    """timm's ``BatchNormAct2d``: BatchNorm2d, then its ``drop`` and ``act`` submodules."""
 
 
 register(LayerNormRule(), nn.LayerNorm)
@@ -118,20 +121,6 @@ class GlobalResponseNormRule(DiagonalRule):
         if module.channel_dim == 1:
             return DiagonalRule.to_param(self, module, t, shape)
         return t.reshape(t.shape[0], -1, *shape).sum(1)
-
-
-class _WithAct:
-    """timm's fused norm + ``drop`` + ``act`` layers: ``δ`` at the normalization's output, the
-    input of ``drop`` (before an in-place activation overwrites it)."""
-
-    def unsupported(self, module: nn.Module) -> str | None:
-        for name in ("drop", "act"):
-            if not isinstance(getattr(module, name, None), nn.Module):
-                return f"no {name} submodule"
-        return None
-
-    def output_child(self, module: nn.Module) -> nn.Module | None:
-        return module.drop
 
 
 class GroupNormActRule(_WithAct, GroupNormRule):
