@@ -654,11 +654,10 @@ class VarianceTest:
         observed = self._observe(pooled, info)
         if observed is not None:
             return self._keep(batch_size, observed)
-        if self._dof < self.min_dof:  # too little evidence to grow yet
-            out = self._clamp(batch_size)
-            info.update(suggested=out, reason=f"warming up ({self._dof} of {self.min_dof} dof)")
-            self._last = self._clamp(max(batch_size, self._last or 0))
-            return out
+        if self._dof < self.min_dof:  # too little evidence to grow yet: expected, no warning
+            return self._keep(
+                batch_size, f"warming up ({self._dof} of {self.min_dof} dof)", warn=False
+            )
         if self.policy == "paper":
             raw = info[f"raw_{self.test}"]
         else:
@@ -729,11 +728,12 @@ class VarianceTest:
             return None
         return {"variance": v.value, "sq_norm": g.value, "noise_scale": v.value / g.value}
 
-    def _keep(self, batch_size: int, reason: str) -> int:
+    def _keep(self, batch_size: int, reason: str, warn: bool = True) -> int:
         out = self._clamp(batch_size)  # the cap wins here too
-        warnings.warn(
-            f"VarianceTest: {reason}; keeping batch_size={out}", RuntimeWarning, stacklevel=3
-        )
+        if warn:
+            warnings.warn(
+                f"VarianceTest: {reason}; keeping batch_size={out}", RuntimeWarning, stacklevel=3
+            )
         self.last_stats.update(suggested=out, reason=reason)
         self._last = self._clamp(max(batch_size, self._last or 0))
         return out

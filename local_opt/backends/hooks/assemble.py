@@ -80,14 +80,14 @@ def _finish(site: Site, n: int, memory: Memory) -> LayerStats:
     A rule fails (or would broadcast) when the layer's saved tensors do not have the ``n``
     samples along their first dimension, e.g. when a model folds image patches into the batch
     dimension; the backend then hands the model to ``vmap`` with a warning naming the layer."""
-    rows = sorted(
-        {int(c.delta.shape[0]) for c in site.calls if c.delta is not None and c.delta.dim()}
-    )
     try:
         st = site.rule.finish(site, n, memory)
     except _OOM:
         raise
     except RuntimeError as e:
+        rows = sorted(
+            {int(c.delta.shape[0]) for c in site.calls if c.delta is not None and c.delta.dim()}
+        )
         seen = f"saved rows {rows} for {n} samples; " if rows and rows != [n] else ""
         raise UnsupportedShapes([site.name], f"{seen}{type(e).__name__}: {e}") from e
     if tuple(st.sq_norms.shape) != (n,):
