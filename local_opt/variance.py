@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from local_opt import _checks, _comm, _stats, backends
 from local_opt._validate import is_int
+from local_opt.accumulation import Accumulation
 from local_opt.backends.hooks import StatsCapture
 from local_opt.backends.microbatch import stats_from_micro_batch_grads
 from local_opt.backends.recorder import MicroBatchRecorder, Workspace
@@ -401,6 +402,7 @@ class VarianceTest:
         self._last: int | None = None  # last suggestion, saved in state_dict
         self._workspace = Workspace()  # record_micro_batches' buffers, reused between steps
         self._warned: set[str] = set()  # one-time warnings already given
+        self._short_calls = 0  # suggest calls in a row with fewer samples than batch_size
         _checks.warn_if_not_initialized("VarianceTest", process_group)
 
     def __repr__(self) -> str:
@@ -481,20 +483,26 @@ class VarianceTest:
             warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     def _check_batch(self, samples: int, batch_size: int) -> None:
-        """Refuse a batch larger than ``batch_size``; explain (once) a smaller one."""
+        """Refuse a batch larger than ``batch_size``; explain (once) smaller ones that recur.
+
+        An epoch's last batch may be short, and so may a batch prefetched before a size change;
+        fewer samples than ``batch_size`` on two calls in a row is a habit (e.g. ``x[:8]``).
+        """
         if samples > batch_size:
             raise ValueError(
                 f"Invalid batch_size: {batch_size}, but suggest got {samples} samples; batch_size "
                 "is this rank's current per-worker batch size (sampler.batch_size), the size of "
                 "the batch the step trained on"
             )
-        if samples < batch_size:
+        self._short_calls = self._short_calls + 1 if samples < batch_size else 0
+        if self._short_calls >= 2:
             self._warn_once(
                 "short_batch",
-                f"VarianceTest.suggest: got {samples} samples for batch_size={batch_size}; the "
-                "variance is estimated from the samples given (fewer: a noisier estimate, and "
-                "with BatchNorm in training mode the variance of a smaller batch). Pass the whole "
-                "batch the step trained on; an epoch's shorter last batch is fine (warned once)",
+                f"VarianceTest.suggest: got {samples} samples for batch_size={batch_size} on two "
+                "calls in a row; the variance is estimated from the samples given (fewer: a "
+                "noisier estimate, and with BatchNorm in training mode the variance of a smaller "
+                "batch). Pass the whole batch the step trained on (an epoch's shorter last batch "
+                "is fine). Warned once",
             )
 
     def suggest_from_micro_batch_grads(
@@ -631,6 +639,63 @@ class VarianceTest:
             return skipped
         return self._decide(stats, batch_size, "microbatch_recorded")
 
+    def accumulate(
+        self,
+        optimizer: Any,
+        batch: Any,
+        micro_batch_size: int,
+        *,
+        grad_scale: float | None = None,
+    ) -> Accumulation:
+        r"""Gradient accumulation with the test's statistics recorded on the right step.
+
+        Splits ``batch`` (a tensor, or a tuple, list or dict of tensors, samples along dim 0) into
+        micro-batches of at most ``micro_batch_size`` samples and yields ``(micro_batch,
+        weight)``; ``(loss * weight).backward()`` for each leaves the batch's mean gradient in
+        ``.grad``. Only the step that ends a round (``optimizer.will_sync``) is recorded
+        (:meth:`record_micro_batches`, weighted by the micro-batch sizes); its statistics are
+        pooled over the ranks as soon as the last micro-batch is done, so clipping,
+        ``GradScaler.unscale_`` and ``optimizer.step()`` may follow. Then
+        :meth:`Accumulation.suggest` gives the next batch size (``batch_size`` unchanged after a
+        step that was not recorded). Every rank must iterate to the end.
+
+        Args:
+            optimizer (LocalOptimizer): the optimizer whose ``step()`` follows.
+            batch: this rank's batch.
+            micro_batch_size (int): samples per micro-batch (the last one may be shorter).
+            grad_scale (float, optional): as in :meth:`record_micro_batches`: a factor on every
+                ``loss * weight`` (e.g. a ``GradScaler``'s scale) (default: None, 1).
+
+        Example::
+
+            >>> opt.zero_grad()
+            >>> acc = vt.accumulate(opt, (x, y), micro_batch_size=16)
+            >>> for (xs, ys), weight in acc:
+            ...     (F.cross_entropy(model(xs), ys) * weight).backward()
+            >>> torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            >>> opt.step()
+            >>> if opt.synced:
+            ...     sampler.set_batch_size(acc.suggest(sampler.batch_size))
+        """
+        return Accumulation(self, optimizer, batch, micro_batch_size, grad_scale)
+
+    def _pool_recorded(self, recorder: MicroBatchRecorder) -> _stats.PooledStats | None:
+        """A finished recording's statistics pooled over the ranks (collective), or None when the
+        next suggestion will not run the test (``every``)."""
+        stats = recorder.grad_stats()  # validates; reads .grad now, before any clipping
+        if self._calls % self.every == 0 or self._last is None:
+            return _stats.pool(stats, self.process_group)
+        return None
+
+    def _suggest_from_pooled(self, pooled: _stats.PooledStats | None, batch_size: int) -> int:
+        batch_size = _check_batch_size(batch_size)
+        skipped = self._skip(batch_size)
+        if skipped is not None:
+            return skipped
+        if pooled is None:
+            raise RuntimeError("VarianceTest: suggest was called between recording and this one")
+        return self._decide(None, batch_size, "microbatch_recorded", pooled=pooled)
+
     def suggest_from_capture(self, capture: StatsCapture, batch_size: int) -> int:
         """Like :meth:`suggest`, from the exact statistics a :class:`~local_opt.StatsCapture`
         took from the training step's own forward and backward (no extra pass).
@@ -667,8 +732,16 @@ class VarianceTest:
     def _clamp(self, b: int) -> int:
         return b if self.max_batch_size is None else min(self.max_batch_size, b)
 
-    def _decide(self, stats: _stats.GradStats, batch_size: int, backend: str) -> int:
-        pooled = _stats.pool(stats, self.process_group)
+    def _decide(
+        self,
+        stats: _stats.GradStats | None,
+        batch_size: int,
+        backend: str,
+        pooled: _stats.PooledStats | None = None,
+    ) -> int:
+        if pooled is None:
+            assert stats is not None
+            pooled = _stats.pool(stats, self.process_group)
         info: dict[str, Any] = pooled.as_dict()
         info.update(
             test=self.test,
