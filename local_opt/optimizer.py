@@ -112,7 +112,10 @@ class LocalOptimizer(Optimizer):
     .. note::
         Parameters (and ``module``'s buffers) are broadcast from rank 0 at construction, as
         ``DistributedDataParallel`` does, so all workers start from the same model. Build the
-        ``LocalOptimizer`` on every rank at the same point of the program.
+        ``LocalOptimizer`` on every rank at the same point of the program, after
+        ``torch.distributed.init_process_group(...)``: built under ``torchrun``
+        (``WORLD_SIZE > 1``) without a process group it warns, since every process would train
+        alone.
 
     .. note::
         **Mixed precision.** bf16 ``autocast`` needs nothing special. With a ``GradScaler`` call

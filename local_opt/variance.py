@@ -182,12 +182,12 @@ class VarianceTest:
             the default :math:`\eta = 2` at a quarter of it, predicted 1.25 times the minimal
             samples for 5 times the minimal steps. Chosen on validation data of the project's
             tasks: :math:`\eta = 1` reached the cap within 3 rounds on digits and ended
-            0.55 nats above constant-small on the LM (README, "Choice of η"). 0.1 with
+            0.55 nats above constant-small on the LM (docs/design.md, "Choice of η"). 0.1 with
             ``policy="paper"``, the reference implementation's default (see the note below).
         theta (float, optional): :math:`\vartheta` of the (augmented) inner-product test
             (default: 0.9, Bollapragada et al., 2018, for both policies; not tuned here. In
             ``make paper`` it asks for far smaller batches than the norm test with
-            :math:`\eta = 2`: on the LM the batch stays near :math:`b_0`; README, "Also").
+            :math:`\eta = 2`: on the LM the batch stays near :math:`b_0`; docs/history.md, "Also").
         nu (float, optional): :math:`\nu` of the orthogonality part of the augmented test
             (default: 5.84, Bollapragada et al., 2018, for both policies).
         max_batch_size (int, optional): cap on the suggested per-worker batch size
@@ -226,9 +226,10 @@ class VarianceTest:
             uses, estimated from the :math:`M \ge 2` workers' batch gradients (each with
             BatchNorm over its whole batch, as in training; unbiased, :math:`M - 1` degrees of
             freedom per round, hence the smoothing), whatever ``backend`` says; with one worker
-            the backend's own definition. ``"backend"`` (the default with ``policy="paper"``):
+            the backend's own definition, with a ``RuntimeWarning`` (once) that says what to do
+            instead (none for ``backend="microbatch"``). ``"backend"`` (the default with ``policy="paper"``):
             each backend's own per-sample definition (below). Chosen from measurements on digits
-            (README, "Choice of η"): the hooks backend's per-sample contributions overstate the
+            (docs/design.md, "Choice of η"): the hooks backend's per-sample contributions overstate the
             batch gradient's variance 2.4–12×.
         backend (str): ``"auto"``, ``"hooks"``, ``"vmap"`` or ``"microbatch"``
             (default: ``"auto"``).
@@ -425,6 +426,12 @@ class VarianceTest:
 
         Returns:
             int: ``min(max_batch_size, max(batch_size, b'))``, the same on every rank.
+
+        Raises:
+            ValueError: for a model without trainable parameters, or a ``loss_fn`` that does not
+                return a scalar tensor. A batch smaller than ``batch_size`` (an epoch's short
+                last batch) is used as given; on two calls in a row a ``RuntimeWarning`` (once)
+                says to pass the batch the step trained on.
         """
         batch_size = _check_batch_size(batch_size)
         if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
@@ -483,26 +490,22 @@ class VarianceTest:
             warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     def _check_batch(self, samples: int, batch_size: int) -> None:
-        """Refuse a batch larger than ``batch_size``; explain (once) smaller ones that recur.
+        """Explain (once) batches that keep being smaller than ``batch_size``.
 
         An epoch's last batch may be short, and so may a batch prefetched before a size change;
-        fewer samples than ``batch_size`` on two calls in a row is a habit (e.g. ``x[:8]``).
+        fewer samples than ``batch_size`` on two calls in a row is a habit (e.g. ``x[:8]``). More
+        samples than the batch (a less noisy estimate) are fine.
         """
-        if samples > batch_size:
-            raise ValueError(
-                f"Invalid batch_size: {batch_size}, but suggest got {samples} samples; batch_size "
-                "is this rank's current per-worker batch size (sampler.batch_size), the size of "
-                "the batch the step trained on"
-            )
         self._short_calls = self._short_calls + 1 if samples < batch_size else 0
         if self._short_calls >= 2:
             self._warn_once(
-                "short_batch",
+                "batch_mismatch",
                 f"VarianceTest.suggest: got {samples} samples for batch_size={batch_size} on two "
-                "calls in a row; the variance is estimated from the samples given (fewer: a "
-                "noisier estimate, and with BatchNorm in training mode the variance of a smaller "
-                "batch). Pass the whole batch the step trained on (an epoch's shorter last batch "
-                "is fine). Warned once",
+                "calls in a row. The variance is estimated from the samples given (with "
+                "BatchNorm in training mode: the variance of a batch of that size), while "
+                "batch_size is the per-worker batch size the suggestion starts from "
+                "(sampler.batch_size). Pass the batch the step trained on (an epoch's shorter "
+                "last batch is fine). Warned once",
             )
 
     def suggest_from_micro_batch_grads(

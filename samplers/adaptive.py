@@ -146,6 +146,8 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
             instance to stay within device memory (default: ``None``, no bound).
 
     Raises:
+        TypeError: if ``dataset`` has no ``len()`` (an ``IterableDataset``): the sampler shards
+            the indices of a map-style dataset.
         ValueError: if ``batch_size``, ``max_batch_size``, ``num_replicas``, ``rank`` or ``seed``
             is not an integer (``bool`` is not) or out of range, if ``shuffle`` or ``drop_last``
             is not a ``bool``, or if ``batch_size > max_batch_size`` at construction.
