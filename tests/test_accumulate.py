@@ -66,7 +66,7 @@ def _compare(rank: int, world: int, block: str, micro_batch_size: int) -> dict:
     for step in range(8):
         g = torch.Generator().manual_seed(1000 * rank + step)
         n = sampler.batch_size
-        x, y = torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
+        x, y = 4 * torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
         exec(code, {"torch": torch, "F": F, "model": model, "opt": opt, "test": test,
                     "sampler": sampler, "x": x, "y": y, "micro_batch_size": micro_batch_size})
         norms.append(reference_step(*ref, x, y, micro_batch_size))
