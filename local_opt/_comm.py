@@ -129,6 +129,21 @@ def all_finite(flats: Sequence[Tensor]) -> bool:
     return True
 
 
+def finite_flag(flats: Sequence[Tensor]) -> Tensor:
+    """A 0-dim bool tensor: no buffer holds a NaN or an Inf (no host sync, unlike all_finite)."""
+    flags = [torch.isfinite(torch.stack(torch.aminmax(f))).all() for f in flats if f.numel()]
+    return torch.stack(flags).all() if flags else torch.tensor(True)
+
+
+def nonfinite_ranks(
+    local_finite: bool, process_group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu"
+) -> list[int]:
+    """The ranks (in the group) whose ``local_finite`` is False: one all-reduce of world-size flags."""
+    flags = [False] * world_size(process_group)
+    flags[rank(process_group)] = not local_finite
+    return [r for r, bad in enumerate(any_across(flags, process_group, device)) if bad]
+
+
 @torch.no_grad()
 def unpack_into(flats: Sequence[Tensor], groups: Sequence[Sequence[Tensor]]) -> None:
     for flat, group in zip(flats, groups):

@@ -12,11 +12,19 @@ file: :func:`save_checkpoint` refuses anything else and names where it is, :func
 loads with ``weights_only=True``. It also records the run's world size and every piece's
 ``sync_every``; :func:`load_checkpoint` refuses a checkpoint whose values differ from the objects
 it loads into.
+
+**A directory or a file.** ``path`` names a checkpoint *directory* when it is an existing
+directory, or when it does not exist and its last component has no suffix (``"ckpt"``,
+``"runs/step_1000"``, ``"ckpt/"``); then every rank writes its own file ``rank00000.pt``,
+``rank00001.pt``, ... into it and rank 0 a ``manifest.json`` (format version, world size, the
+pieces' counters and ``sync_every``), and loading picks this rank's file. Anything else
+(``"ckpt.pt"``, ``f"ckpt.{rank}.pt"``) is a single file, one per rank as before.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 from collections import OrderedDict
@@ -26,6 +34,12 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["save_checkpoint", "load_checkpoint"]
+
+#: The manifest rank 0 writes into a checkpoint directory, and its format version.
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+#: Counters of the pieces (e.g. a LocalOptimizer's) copied into the manifest, for people and tools.
+_COUNTERS = ("steps", "num_syncs", "local_step", "sync_every", "warmup_steps", "epoch")
 
 # Exact types torch.load(weights_only=True) loads: containers to look into, and leaves.
 _CONTAINERS = (dict, OrderedDict, list, tuple, set)
@@ -91,6 +105,77 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_checkpoint_dir(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names a checkpoint directory (see the module docstring): an existing
+    directory, or a path that does not exist and whose last component has no suffix."""
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        return True
+    if os.path.exists(p):
+        return False
+    return p.endswith(("/", os.sep)) or os.path.splitext(p.rstrip("/" + os.sep))[1] == ""
+
+
+def rank_file(rank: int) -> str:
+    """The name of a rank's file in a checkpoint directory."""
+    return f"rank{rank:05d}.pt"
+
+
+def _atomic_save(obj: Any, path: str, rank: int) -> None:
+    """``torch.save`` to a temporary name unique to this rank and process, then rename: ranks
+    writing the same path never share a temporary file, and a crash never leaves a torn file."""
+    tmp = f"{path}.tmp.{rank}.{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _broadcast_save_id() -> int:
+    """A random id from rank 0, the same on every rank: ties the ranks' files to one save."""
+    value = int.from_bytes(os.urandom(7), "little")
+    if _world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def _barrier() -> None:
+    if _world_size() > 1:
+        dist.all_reduce(torch.zeros(1, device=_collective_device()))
+
+
+def _counters(pieces: dict[str, Any]) -> dict[str, int]:
+    out = {}
+    for name, piece in pieces.items():
+        for attr in _COUNTERS:
+            value = getattr(piece, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                out[f"{name}.{attr}"] = value
+    return out
+
+
+def _json_or_none(obj: Any) -> Any:
+    try:
+        json.dumps(obj)
+    except (TypeError, ValueError):
+        return None
+    return obj
+
+
 def _config(pieces: dict[str, Any]) -> dict[str, Any]:
     """What a checkpoint must be loaded under: the world size and each piece's ``sync_every``."""
     config: dict[str, Any] = {"world_size": _world_size()}
@@ -105,14 +190,19 @@ def save_checkpoint(path: str | os.PathLike[str], extra: dict[str, Any] | None =
                     **pieces: _Stateful) -> None:
     r"""Write ``{name: piece.state_dict()}`` for every keyword, plus the RNG states, to ``path``.
 
-    The file is written to ``path + ".tmp"`` and renamed, so a crash never leaves a torn
-    checkpoint. In a distributed run give every rank its own path (e.g. ``f"ckpt.{rank}.pt"``):
-    the sampler's position and the local models between rounds differ across ranks. The world
-    size and every piece's ``sync_every`` (e.g. the :class:`~local_opt.LocalOptimizer`'s) are
-    saved with it, for :func:`load_checkpoint` to check.
+    Every rank saves its own state: the sampler's position and the local models between rounds
+    differ across ranks. With a **directory** (``save_checkpoint("ckpt", ...)``, see the module
+    docstring for the rule) each rank writes ``ckpt/rank0000<r>.pt`` and rank 0 writes
+    ``ckpt/manifest.json`` after every rank's file is in place; the call is then *collective*
+    (three small collectives: call it on every rank at the same point, like a round) and returns
+    on every rank once the directory is complete. With a **file** path give every rank its own
+    (``f"ckpt.{rank}.pt"``); no collective. Each file is written to a temporary name unique to the
+    rank and process and renamed, so a crash never leaves a torn file and ranks never race on a
+    temporary file. The rank, the world size and every piece's ``sync_every`` (e.g. the
+    :class:`~local_opt.LocalOptimizer`'s) are saved with it, for :func:`load_checkpoint` to check.
 
     Args:
-        path: the file to write.
+        path: the checkpoint directory, or the file to write.
         extra (dict, optional): anything else to keep with it (e.g. the epoch, the round
             number), made of what the pieces may hold (see below).
         **pieces: objects with ``state_dict()``, e.g. ``model=model, optimizer=opt,
@@ -133,11 +223,17 @@ def save_checkpoint(path: str | os.PathLike[str], extra: dict[str, Any] | None =
 
     Example::
 
-        >>> save_checkpoint(f"ckpt.{rank}.pt", extra={"epoch": epoch},
+        >>> save_checkpoint("ckpt", extra={"epoch": epoch},  # on every rank
         ...                 model=model, optimizer=opt, sampler=sampler)
         >>> ...  # a new process, fresh objects built the same way
-        >>> start_epoch = load_checkpoint(f"ckpt.{rank}.pt", model=model, optimizer=opt,
+        >>> start_epoch = load_checkpoint("ckpt", model=model, optimizer=opt,
         ...                               sampler=sampler)["epoch"]
+
+    .. warning::
+        Calling it on rank 0 alone (``if rank == 0: save_checkpoint(...)``, as for a DDP model)
+        loses the other ranks' state: with a directory it blocks in its collectives until the
+        process group's timeout; with a file the other ranks cannot load it (refused, naming the
+        rank that saved it).
     """
     for name, piece in pieces.items():
         if not callable(getattr(piece, "state_dict", None)):
@@ -155,9 +251,34 @@ def save_checkpoint(path: str | os.PathLike[str], extra: dict[str, Any] | None =
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-    tmp = f"{os.fspath(path)}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    rank = _rank()
+    state["rank"] = rank
+    if not is_checkpoint_dir(path):
+        _atomic_save(state, os.fspath(path), rank)
+        return
+    directory = os.fspath(path)
+    os.makedirs(directory, exist_ok=True)
+    state["save_id"] = save_id = _broadcast_save_id()
+    _atomic_save(state, os.path.join(directory, rank_file(rank)), rank)
+    _barrier()  # every rank's file is in place before the manifest says the save is complete
+    if rank == 0:
+        world = _world_size()
+        manifest = {
+            "format": "local-opt checkpoint",
+            "version": FORMAT_VERSION,
+            "world_size": world,
+            "save_id": save_id,
+            "files": [rank_file(r) for r in range(world)],
+            "pieces": sorted(pieces),
+            "config": state["config"],
+            "counters": _counters(pieces),
+            "extra": _json_or_none(extra),
+        }
+        tmp = os.path.join(directory, f"{MANIFEST}.tmp.{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1)
+        os.replace(tmp, os.path.join(directory, MANIFEST))
+    _barrier()  # the directory is complete when save_checkpoint returns, on every rank
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: Any = None,
@@ -170,7 +291,8 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = None,
     configuration, does so after the pieces before it were loaded).
 
     Args:
-        path: the file :func:`save_checkpoint` wrote.
+        path: the directory or file :func:`save_checkpoint` wrote (the same rule tells them
+            apart); from a directory, this rank's file.
         map_location: as in :func:`torch.load` (default: None).
         restore_rng (bool): also restore torch's (and CUDA's) RNG states (default: True).
         weights_only (bool): as in :func:`torch.load`: unpickle only tensors, numbers, strings
@@ -182,16 +304,28 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = None,
     Raises:
         pickle.UnpicklingError: if the file holds objects ``weights_only=True`` does not load.
         ValueError: if the checkpoint was saved with another world size or another
-            ``sync_every`` than the given pieces have; the message names the value, the saved
-            one and the current one. A piece's own ``load_state_dict`` may refuse its state in
+            ``sync_every`` than the given pieces have (the message names the value, the saved
+            one and the current one), by another rank, or (in a directory) by another save than
+            the manifest's. A piece's own ``load_state_dict`` may refuse its state in
             the same way (the ``AdaptiveBatchSampler`` does for another dataset length,
             ``num_replicas``, ``shuffle``, ``drop_last`` or ``seed``).
         KeyError: if a piece is missing from the file.
+        FileNotFoundError: if there is no checkpoint, or a directory lacks its manifest or this
+            rank's file (the message says that ``save_checkpoint`` must run on every rank).
 
     .. note::
         To read just the weights elsewhere (another world size, an evaluation script), load the
         file yourself: ``torch.load(path, weights_only=True)["pieces"]["model"]``.
     """
+    expect: dict[str, Any] = {}
+    if is_checkpoint_dir(path):
+        path, expect = _rank_file_of(os.fspath(path))
+    elif not os.path.exists(path) and _world_size() > 1:
+        raise FileNotFoundError(
+            f"No checkpoint file {os.fspath(path)!r} on rank {_rank()} of {_world_size()}: "
+            "save_checkpoint must be called on every rank, each with its own path (e.g. "
+            "f'ckpt.{rank}.pt'), or with a directory (one file per rank)"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as e:
@@ -213,6 +347,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = None,
                 f"Invalid checkpoint {os.fspath(path)!r}: saved with {key}={saved_config[key]!r}, "
                 f"but this run has {key}={value!r}"
             )
+    _check_rank(os.fspath(path), state, expect)
     for name, piece in pieces.items():
         try:
             piece.load_state_dict(saved[name])
@@ -225,3 +360,55 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = None,
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state["extra"]
+
+
+def _rank_file_of(directory: str) -> tuple[str, dict[str, Any]]:
+    """This rank's file in a checkpoint directory, and what it must hold (rank, save id)."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"No checkpoint directory {directory!r}")
+    manifest_path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(manifest_path):
+        raise FileNotFoundError(
+            f"Checkpoint directory {directory!r} has no {MANIFEST}: the save did not finish "
+            "(save_checkpoint on a directory is collective: call it on every rank)"
+        )
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    version = manifest.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"Invalid checkpoint {directory!r}: format version {version!r}, this local-opt reads "
+            f"versions up to {FORMAT_VERSION}"
+        )
+    world, rank = _world_size(), _rank()
+    if manifest["world_size"] != world:
+        raise ValueError(
+            f"Invalid checkpoint {directory!r}: saved with world_size={manifest['world_size']}, "
+            f"but this run has world_size={world}"
+        )
+    path = os.path.join(directory, rank_file(rank))
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"Checkpoint directory {directory!r} has no file for rank {rank} ({rank_file(rank)}): "
+            "save_checkpoint must be called on every rank (each writes its own file), into a "
+            "directory every rank can see"
+        )
+    return path, {"rank": rank, "save_id": manifest["save_id"]}
+
+
+def _check_rank(path: str, state: dict[str, Any], expect: dict[str, Any]) -> None:
+    """Refuse another rank's state, or a rank file from another save than the manifest's."""
+    rank = expect.get("rank", _rank())
+    saved = state.get("rank")  # absent from checkpoints of earlier versions
+    if saved is not None and saved != rank:
+        raise ValueError(
+            f"Invalid checkpoint {path!r}: saved by rank {saved}, but this is rank {rank}. Every "
+            "rank saves and loads its own state (its sampler position, its model between rounds): "
+            "save_checkpoint must be called on every rank, each with its own path (e.g. "
+            "f'ckpt.{rank}.pt'), or with a directory (one file per rank)"
+        )
+    if "save_id" in expect and state.get("save_id") != expect["save_id"]:
+        raise ValueError(
+            f"Invalid checkpoint {path!r}: this rank's file is from another save than the "
+            f"directory's {MANIFEST} (a save that did not finish on every rank?)"
+        )

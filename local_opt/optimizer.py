@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from local_opt import _comm
+from local_opt import _checks, _comm
 from local_opt._validate import is_int
 
 __all__ = ["LocalOptimizer"]
@@ -86,6 +86,16 @@ class LocalOptimizer(Optimizer):
             ``buffers`` and ``average_optimizer_state`` choose) is NaN or Inf (a worker diverged):
             ``"raise"`` a ``FloatingPointError`` naming the step on every rank, or ``"skip"`` the
             round with a warning, leaving each worker's model as it was (default: ``"raise"``).
+            The message names the ranks whose values were not finite (one small all-reduce of
+            flags, on that path only).
+        warmup_steps (int): :math:`N`, steps that each end with a round before Local SGD starts:
+            steps :math:`1, \dots, N` are averaged every step (fully synchronous training, as
+            with a gradient all-reduce), then rounds come every ``sync_every`` steps, at steps
+            :math:`N + H, N + 2H, \dots` Saved in :meth:`state_dict`; the rounds and bytes of
+            warm-up are counted in :attr:`num_syncs` and :attr:`bytes_communicated`. This is
+            torch's DDP ``post_localSGD_hook`` with ``start_localSGD_iter=N - 1`` and
+            ``PeriodicModelAverager(period=H, warmup_steps=N - 1)`` (which also averages right
+            after warm-up), up to rounding (default: 0).
 
     Example::
 
@@ -102,7 +112,10 @@ class LocalOptimizer(Optimizer):
     .. note::
         Parameters (and ``module``'s buffers) are broadcast from rank 0 at construction, as
         ``DistributedDataParallel`` does, so all workers start from the same model. Build the
-        ``LocalOptimizer`` on every rank at the same point of the program.
+        ``LocalOptimizer`` on every rank at the same point of the program, after
+        ``torch.distributed.init_process_group(...)``: built under ``torchrun``
+        (``WORLD_SIZE > 1``) without a process group it warns, since every process would train
+        alone.
 
     .. note::
         **Mixed precision.** bf16 ``autocast`` needs nothing special. With a ``GradScaler`` call
@@ -139,6 +152,7 @@ class LocalOptimizer(Optimizer):
         average_optimizer_state: StateSpec = False,
         outer_optimizer: OuterFactory | None = None,
         on_nonfinite: str = "raise",
+        warmup_steps: int = 0,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -159,12 +173,16 @@ class LocalOptimizer(Optimizer):
             )
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r} (expected 'raise' or 'skip')")
+        if not is_int(warmup_steps) or warmup_steps < 0:
+            raise ValueError(f"Invalid warmup_steps: {warmup_steps!r} (expected an int >= 0)")
+        _checks.warn_if_not_initialized("LocalOptimizer", process_group)
 
         self.optimizer = optimizer
         self.module = module
         self.process_group = process_group
         self.on_nonfinite = on_nonfinite
         self._sync_every = int(sync_every)
+        self.warmup_steps = int(warmup_steps)
         self._state_names = _check_state_spec(average_optimizer_state, optimizer)
         if module is not None:
             _check_module_params(module, self._params())
@@ -289,7 +307,7 @@ class LocalOptimizer(Optimizer):
     @property
     def will_sync(self) -> bool:
         """Whether the coming :meth:`step` ends a round (e.g. to record its micro-batches)."""
-        return self._local_step + 1 >= self._sync_every
+        return self._steps < self.warmup_steps or self._local_step + 1 >= self._sync_every
 
     @property
     def synced(self) -> bool:
@@ -317,7 +335,7 @@ class LocalOptimizer(Optimizer):
         self._steps += 1
         self._local_step += 1
         self._synced = False
-        if self._local_step >= self._sync_every:
+        if self._local_step >= self._sync_every or self._steps <= self.warmup_steps:
             self._round()
         return loss
 
@@ -398,16 +416,22 @@ class LocalOptimizer(Optimizer):
             self._flat = _comm.FlatParams(params)
         flats = self._flat.buffers()
         backup = [f.clone() for f in flats] if self.on_nonfinite == "skip" else None
+        local_ok = _comm.finite_flag(flats)  # this rank's, before the average (no sync yet)
         extra_flats, extra_groups = _comm.reduce_mean_packed(extra, self.process_group)
         self._bytes += _comm.mean_(flats, self.process_group)
         self._bytes += sum(f.numel() * f.element_size() for f in extra_flats)
         if not _comm.all_finite(flats + extra_flats):
+            bad = _comm.nonfinite_ranks(bool(local_ok) and _comm.all_finite(extra),
+                                        self.process_group, flats[0].device)
             msg = (
                 f"non-finite values in the model average at step {self._steps} "
-                f"(round {self._num_syncs + 1}): a worker diverged"
+                f"(round {self._num_syncs + 1}): worker(s) with rank {bad} in the process group "
+                "diverged (NaN or Inf in their parameters, averaged buffers or optimizer state)"
             )
             if self.on_nonfinite == "raise":
-                raise FloatingPointError(msg)
+                raise FloatingPointError(
+                    msg + "; lower the learning rate, clip gradients, or pass on_nonfinite='skip'"
+                )
             torch._foreach_copy_(flats, backup)
             warnings.warn(msg + "; the round is skipped", RuntimeWarning, stacklevel=4)
             return False
@@ -425,6 +449,7 @@ class LocalOptimizer(Optimizer):
         sd = self.optimizer.state_dict()
         own: dict[str, Any] = {
             "sync_every": self._sync_every,
+            "warmup_steps": self.warmup_steps,
             "local_step": self._local_step,
             "steps": self._steps,
             "num_syncs": self._num_syncs,
@@ -463,6 +488,7 @@ class LocalOptimizer(Optimizer):
 
     def _load_own(self, own: dict[str, Any]) -> None:
         self.sync_every = own["sync_every"]
+        self.warmup_steps = int(own.get("warmup_steps", self.warmup_steps))
         self._local_step = own["local_step"]
         self._steps = own["steps"]
         self._num_syncs = own["num_syncs"]

@@ -11,8 +11,9 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from local_opt import _comm, _stats, backends
+from local_opt import _checks, _comm, _stats, backends
 from local_opt._validate import is_int
+from local_opt.accumulation import Accumulation
 from local_opt.backends.hooks import StatsCapture
 from local_opt.backends.microbatch import stats_from_micro_batch_grads
 from local_opt.backends.recorder import MicroBatchRecorder, Workspace
@@ -181,12 +182,12 @@ class VarianceTest:
             the default :math:`\eta = 2` at a quarter of it, predicted 1.25 times the minimal
             samples for 5 times the minimal steps. Chosen on validation data of the project's
             tasks: :math:`\eta = 1` reached the cap within 3 rounds on digits and ended
-            0.55 nats above constant-small on the LM (README, "Choice of η"). 0.1 with
+            0.55 nats above constant-small on the LM (docs/design.md, "Choice of η"). 0.1 with
             ``policy="paper"``, the reference implementation's default (see the note below).
         theta (float, optional): :math:`\vartheta` of the (augmented) inner-product test
             (default: 0.9, Bollapragada et al., 2018, for both policies; not tuned here. In
             ``make paper`` it asks for far smaller batches than the norm test with
-            :math:`\eta = 2`: on the LM the batch stays near :math:`b_0`; README, "Also").
+            :math:`\eta = 2`: on the LM the batch stays near :math:`b_0`; docs/history.md, "Also").
         nu (float, optional): :math:`\nu` of the orthogonality part of the augmented test
             (default: 5.84, Bollapragada et al., 2018, for both policies).
         max_batch_size (int, optional): cap on the suggested per-worker batch size
@@ -225,9 +226,10 @@ class VarianceTest:
             uses, estimated from the :math:`M \ge 2` workers' batch gradients (each with
             BatchNorm over its whole batch, as in training; unbiased, :math:`M - 1` degrees of
             freedom per round, hence the smoothing), whatever ``backend`` says; with one worker
-            the backend's own definition. ``"backend"`` (the default with ``policy="paper"``):
+            the backend's own definition, with a ``RuntimeWarning`` (once) that says what to do
+            instead (none for ``backend="microbatch"``). ``"backend"`` (the default with ``policy="paper"``):
             each backend's own per-sample definition (below). Chosen from measurements on digits
-            (README, "Choice of η"): the hooks backend's per-sample contributions overstate the
+            (docs/design.md, "Choice of η"): the hooks backend's per-sample contributions overstate the
             batch gradient's variance 2.4–12×.
         backend (str): ``"auto"``, ``"hooks"``, ``"vmap"`` or ``"microbatch"``
             (default: ``"auto"``).
@@ -400,6 +402,9 @@ class VarianceTest:
         self._calls = 0  # calls of suggest*, saved in state_dict
         self._last: int | None = None  # last suggestion, saved in state_dict
         self._workspace = Workspace()  # record_micro_batches' buffers, reused between steps
+        self._warned: set[str] = set()  # one-time warnings already given
+        self._short_calls = 0  # suggest calls in a row with fewer samples than batch_size
+        _checks.warn_if_not_initialized("VarianceTest", process_group)
 
     def __repr__(self) -> str:
         cap = "" if self.max_batch_size is None else f", max_batch_size={self.max_batch_size}"
@@ -421,6 +426,12 @@ class VarianceTest:
 
         Returns:
             int: ``min(max_batch_size, max(batch_size, b'))``, the same on every rank.
+
+        Raises:
+            ValueError: for a model without trainable parameters, or a ``loss_fn`` that does not
+                return a scalar tensor. A batch smaller than ``batch_size`` (an epoch's short
+                last batch) is used as given; on two calls in a row a ``RuntimeWarning`` (once)
+                says to pass the batch the step trained on.
         """
         batch_size = _check_batch_size(batch_size)
         if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
@@ -430,6 +441,8 @@ class VarianceTest:
                 f"Invalid inputs/targets: {inputs.shape[0]} inputs and {targets.shape[0]} targets "
                 f"(expected the same number, at least 1)"
             )
+        self._check_batch(inputs.shape[0], batch_size)
+        _checks.check_trainable(self.model)
         skipped = self._skip(batch_size)
         if skipped is not None:
             return skipped
@@ -437,7 +450,7 @@ class VarianceTest:
         backend, stats = backends.compute(
             name,
             self.model,
-            self.loss_fn,
+            _checks.CheckedLoss(self.loss_fn),
             inputs,
             targets,
             chunk_size=self.chunk_size,
@@ -453,13 +466,47 @@ class VarianceTest:
         statistics and at least two workers, every backend gives way to the per-worker estimate:
         the units are the workers' batch gradients, BatchNorm as in training.
         """
-        if (
-            self.batch_statistics == "worker"
-            and _comm.world_size(self.process_group) >= 2
-            and uses_batch_statistics(self.model)
-        ):
-            return "microbatch", 1
+        if self.batch_statistics == "worker" and uses_batch_statistics(self.model):
+            if _comm.world_size(self.process_group) >= 2:
+                return "microbatch", 1
+            if self.backend != "microbatch":
+                self._warn_once(
+                    "single_worker_batchnorm",
+                    "VarianceTest: the model's BatchNorm uses batch statistics (training mode) "
+                    "and there is one worker, so the variance of the batch gradient cannot come "
+                    "from the workers' batch gradients (batch_statistics='worker'); using the "
+                    f"{self.backend!r} backend's per-sample contributions instead, which "
+                    "overstated that variance 2.4-12x on digits (the batch grows too fast). To "
+                    "avoid it: run >= 2 workers; or use backend='microbatch' (micro-batch "
+                    "gradients, BatchNorm as in training), or record_micro_batches / accumulate "
+                    "with gradient accumulation; or pass batch_statistics='backend' to accept "
+                    "the per-sample definition (and silence this warning)",
+                )
         return self.backend, self.micro_batches
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def _check_batch(self, samples: int, batch_size: int) -> None:
+        """Explain (once) batches that keep being smaller than ``batch_size``.
+
+        An epoch's last batch may be short, and so may a batch prefetched before a size change;
+        fewer samples than ``batch_size`` on two calls in a row is a habit (e.g. ``x[:8]``). More
+        samples than the batch (a less noisy estimate) are fine.
+        """
+        self._short_calls = self._short_calls + 1 if samples < batch_size else 0
+        if self._short_calls >= 2:
+            self._warn_once(
+                "batch_mismatch",
+                f"VarianceTest.suggest: got {samples} samples for batch_size={batch_size} on two "
+                "calls in a row. The variance is estimated from the samples given (with "
+                "BatchNorm in training mode: the variance of a batch of that size), while "
+                "batch_size is the per-worker batch size the suggestion starts from "
+                "(sampler.batch_size). Pass the batch the step trained on (an epoch's shorter "
+                "last batch is fine). Warned once",
+            )
 
     def suggest_from_micro_batch_grads(
         self, grads: Sequence[Sequence[Tensor]], micro_batch_size: int, batch_size: int
@@ -553,6 +600,7 @@ class VarianceTest:
             the micro-batch gradients is read from ``.grad`` itself, and an error is raised if
             it changed. Run no other backward pass inside the block.
         """
+        _checks.check_trainable(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         return MicroBatchRecorder(
             params,
@@ -594,6 +642,63 @@ class VarianceTest:
             return skipped
         return self._decide(stats, batch_size, "microbatch_recorded")
 
+    def accumulate(
+        self,
+        optimizer: Any,
+        batch: Any,
+        micro_batch_size: int,
+        *,
+        grad_scale: float | None = None,
+    ) -> Accumulation:
+        r"""Gradient accumulation with the test's statistics recorded on the right step.
+
+        Splits ``batch`` (a tensor, or a tuple, list or dict of tensors, samples along dim 0) into
+        micro-batches of at most ``micro_batch_size`` samples and yields ``(micro_batch,
+        weight)``; ``(loss * weight).backward()`` for each leaves the batch's mean gradient in
+        ``.grad``. Only the step that ends a round (``optimizer.will_sync``) is recorded
+        (:meth:`record_micro_batches`, weighted by the micro-batch sizes); its statistics are
+        pooled over the ranks as soon as the last micro-batch is done, so clipping,
+        ``GradScaler.unscale_`` and ``optimizer.step()`` may follow. Then
+        :meth:`Accumulation.suggest` gives the next batch size (``batch_size`` unchanged after a
+        step that was not recorded). Every rank must iterate to the end.
+
+        Args:
+            optimizer (LocalOptimizer): the optimizer whose ``step()`` follows.
+            batch: this rank's batch.
+            micro_batch_size (int): samples per micro-batch (the last one may be shorter).
+            grad_scale (float, optional): as in :meth:`record_micro_batches`: a factor on every
+                ``loss * weight`` (e.g. a ``GradScaler``'s scale) (default: None, 1).
+
+        Example::
+
+            >>> opt.zero_grad()
+            >>> acc = vt.accumulate(opt, (x, y), micro_batch_size=16)
+            >>> for (xs, ys), weight in acc:
+            ...     (F.cross_entropy(model(xs), ys) * weight).backward()
+            >>> torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            >>> opt.step()
+            >>> if opt.synced:
+            ...     sampler.set_batch_size(acc.suggest(sampler.batch_size))
+        """
+        return Accumulation(self, optimizer, batch, micro_batch_size, grad_scale)
+
+    def _pool_recorded(self, recorder: MicroBatchRecorder) -> _stats.PooledStats | None:
+        """A finished recording's statistics pooled over the ranks (collective), or None when the
+        next suggestion will not run the test (``every``)."""
+        stats = recorder.grad_stats()  # validates; reads .grad now, before any clipping
+        if self._calls % self.every == 0 or self._last is None:
+            return _stats.pool(stats, self.process_group)
+        return None
+
+    def _suggest_from_pooled(self, pooled: _stats.PooledStats | None, batch_size: int) -> int:
+        batch_size = _check_batch_size(batch_size)
+        skipped = self._skip(batch_size)
+        if skipped is not None:
+            return skipped
+        if pooled is None:
+            raise RuntimeError("VarianceTest: suggest was called between recording and this one")
+        return self._decide(None, batch_size, "microbatch_recorded", pooled=pooled)
+
     def suggest_from_capture(self, capture: StatsCapture, batch_size: int) -> int:
         """Like :meth:`suggest`, from the exact statistics a :class:`~local_opt.StatsCapture`
         took from the training step's own forward and backward (no extra pass).
@@ -630,8 +735,16 @@ class VarianceTest:
     def _clamp(self, b: int) -> int:
         return b if self.max_batch_size is None else min(self.max_batch_size, b)
 
-    def _decide(self, stats: _stats.GradStats, batch_size: int, backend: str) -> int:
-        pooled = _stats.pool(stats, self.process_group)
+    def _decide(
+        self,
+        stats: _stats.GradStats | None,
+        batch_size: int,
+        backend: str,
+        pooled: _stats.PooledStats | None = None,
+    ) -> int:
+        if pooled is None:
+            assert stats is not None
+            pooled = _stats.pool(stats, self.process_group)
         info: dict[str, Any] = pooled.as_dict()
         info.update(
             test=self.test,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import warnings
 from collections.abc import Iterator, Sized
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
+from torch.utils.data import IterableDataset, Sampler
 
 __all__ = ["AdaptiveBatchSampler"]
 
@@ -144,6 +146,8 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
             instance to stay within device memory (default: ``None``, no bound).
 
     Raises:
+        TypeError: if ``dataset`` has no ``len()`` (an ``IterableDataset``): the sampler shards
+            the indices of a map-style dataset.
         ValueError: if ``batch_size``, ``max_batch_size``, ``num_replicas``, ``rank`` or ``seed``
             is not an integer (``bool`` is not) or out of range, if ``shuffle`` or ``drop_last``
             is not a ``bool``, or if ``batch_size > max_batch_size`` at construction.
@@ -202,6 +206,14 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         max_batch_size: int | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            raise TypeError(
+                f"Invalid dataset: {type(dataset).__name__} has no len() (an IterableDataset or a "
+                "stream); AdaptiveBatchSampler shards indices of a map-style dataset (with "
+                "__len__ and __getitem__), as DistributedSampler does. Materialize the data into "
+                "a map-style dataset (e.g. TensorDataset, or a list), or shard the stream per "
+                "rank yourself and batch it in your loop"
+            )
         if not _is_int(batch_size) or batch_size < 1:
             raise ValueError(f"Invalid batch_size: {batch_size!r}")
         if max_batch_size is not None and (not _is_int(max_batch_size) or max_batch_size < 1):
@@ -211,6 +223,15 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
                 f"Invalid batch_size: {batch_size} (greater than max_batch_size={max_batch_size})"
             )
         initialized = dist.is_available() and dist.is_initialized()
+        world = os.environ.get("WORLD_SIZE", "")
+        if num_replicas is None and not initialized and world.isdigit() and int(world) > 1:
+            warnings.warn(
+                f"AdaptiveBatchSampler: WORLD_SIZE={world} is set (torchrun) but torch.distributed "
+                "is not initialized, so this rank takes the whole dataset (num_replicas=1). Call "
+                "torch.distributed.init_process_group(...) before building the sampler",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if num_replicas is None:
             num_replicas = dist.get_world_size() if initialized else 1
         if rank is None:

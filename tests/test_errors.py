@@ -1,0 +1,139 @@
+"""Every mistake a new user makes gets an early message that names what to change (issue 21)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from dist_utils import run_distributed
+from torch import nn
+from torch.utils.data import IterableDataset
+
+from local_opt import LocalOptimizer, VarianceTest
+from samplers import AdaptiveBatchSampler
+
+BACKENDS = ["auto", "hooks", "vmap", "microbatch"]
+
+
+def data(n: int = 16):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_model_without_trainable_parameters(backend):
+    m = model().requires_grad_(False)
+    vt = VarianceTest(m, F.cross_entropy, backend=backend)
+    with pytest.raises(ValueError, match="Invalid model: Sequential has no trainable parameters"):
+        vt.suggest(*data(), 16)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        vt.record_micro_batches(4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_non_scalar_loss(backend):
+    vt = VarianceTest(model(), lambda o, t: F.cross_entropy(o, t, reduction="none"),
+                      backend=backend)
+    with pytest.raises(ValueError, match=r"loss_fn must return a scalar per call.*reduction='mean'"):
+        vt.suggest(*data(), 16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_loss_returning_a_python_float(backend):
+    vt = VarianceTest(model(), lambda o, t: float(F.cross_entropy(o, t)), backend=backend)
+    with pytest.raises(ValueError, match=r"Invalid loss_fn: it (returned a float|calls .item\(\))"):
+        vt.suggest(*data(), 16)
+
+
+def test_batches_smaller_than_batch_size_are_explained_when_they_recur():
+    x, y = data(32)
+    vt = VarianceTest(model(), F.cross_entropy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one short batch: an epoch's last batch, no warning
+        vt.suggest(x[:8], y[:8], batch_size=32)
+    with pytest.warns(RuntimeWarning, match="got 8 samples for batch_size=32 on two calls in a "
+                                            "row.*Pass the batch the step trained on"):
+        vt.suggest(x[:8], y[:8], batch_size=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once
+        vt.suggest(x[:8], y[:8], batch_size=32)
+    vt = VarianceTest(model(), F.cross_entropy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # more samples than the batch: a less noisy estimate
+        vt.suggest(x, y, batch_size=8)
+        vt.suggest(x, y, batch_size=8)
+
+
+def test_an_iterable_dataset_is_refused_by_the_sampler():
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(range(10))
+
+    with pytest.raises(TypeError, match="Stream has no len.*map-style dataset"):
+        AdaptiveBatchSampler(Stream(), 4)
+
+
+def test_torchrun_without_init_process_group_warns(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    m = model()
+    msg = r"WORLD_SIZE=2 is set .* torch.distributed.init_process_group\("
+    with pytest.warns(RuntimeWarning, match="LocalOptimizer: " + msg):
+        LocalOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), sync_every=2)
+    with pytest.warns(RuntimeWarning, match="VarianceTest: " + msg):
+        VarianceTest(m, F.cross_entropy)
+    with pytest.warns(RuntimeWarning, match="AdaptiveBatchSampler: WORLD_SIZE=2"):
+        AdaptiveBatchSampler(range(10), 2)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LocalOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), sync_every=2)
+
+
+def test_one_worker_with_train_mode_batchnorm_warns_once_with_the_remedies():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = data()
+    vt = VarianceTest(m, F.cross_entropy)
+    with pytest.warns(RuntimeWarning, match=r"one worker.*overstated that variance 2.4-12x.*"
+                                            r"run >= 2 workers.*backend='microbatch'.*"
+                                            r"batch_statistics='backend'"):
+        vt.suggest(x, y, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vt.suggest(x, y, 16)  # once
+        VarianceTest(m, F.cross_entropy, batch_statistics="backend").suggest(x, y, 16)
+        VarianceTest(m, F.cross_entropy, backend="microbatch").suggest(x, y, 16)
+        VarianceTest(m.eval(), F.cross_entropy).suggest(x, y, 16)
+
+
+def _diverge(rank: int, world: int, mode: str) -> dict:
+    m = model()
+    opt = LocalOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), sync_every=1, on_nonfinite=mode)
+    x, y = data()
+    opt.zero_grad()
+    F.cross_entropy(m(x), y).backward()
+    if rank == 1:
+        with torch.no_grad():
+            m[0].weight[0, 0] = float("inf")
+    try:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            opt.step()
+    except FloatingPointError as e:
+        return {"error": str(e)}
+    return {"error": None, "warned": [str(i.message) for i in w]}
+
+
+@pytest.mark.timeout(120)
+def test_a_diverged_round_names_the_rank():
+    for r in run_distributed(_diverge, 2, "raise"):
+        assert r["error"] is not None
+        assert "worker(s) with rank [1] in the process group diverged" in r["error"]
+        assert "on_nonfinite='skip'" in r["error"]
