@@ -34,7 +34,7 @@ __all__ = ["RULES", "lr_factor", "auto_rule", "SampleLR", "warmup_cosine"]
 RULES = ("none", "sqrt", "linear", "adascale", "seesaw")
 
 #: What ``lr_coupling="auto"`` means for each optimizer family (see :func:`auto_rule`).
-AUTO_RULES = {"adam": "adascale", "sgd": "adascale"}
+AUTO_RULES = {"adam": "adascale", "sgd": "seesaw"}
 
 
 def lr_factor(
@@ -127,7 +127,17 @@ def optimizer_family(optimizer: Any) -> str:
 
 def auto_rule(optimizer: Any) -> str:
     r"""The rule ``lr_coupling="auto"`` stands for with ``optimizer``: :data:`AUTO_RULES` of its
-    family (:func:`optimizer_family`). Chosen from measurements: ``docs/lr-coupling.md``."""
+    family (:func:`optimizer_family`), ``"adascale"`` for Adam-type optimizers and ``"seesaw"``
+    (with :math:`k = 1`, i.e. :math:`\min(S, \text{lr}_{\text{peak}}/\text{lr})`) for SGD.
+
+    Chosen on the validation split of the project's two quick tasks (2 workers, equal sample
+    budget, seed 0; checked on seed 1; ``docs/lr-coupling.md``): on the byte-level LM with AdamW
+    the final validation loss was 1.730 without coupling, 1.673 with ``"sqrt"``, 1.692 with
+    ``"seesaw"`` and 1.632 with ``"adascale"`` (constant small batch: 1.607); on digits with SGD
+    every rule ended within one validation image of the others (98.3 ± 0.6 %), with the lowest
+    validation loss for ``"seesaw"`` (0.0399; ``"sqrt"`` 0.0401, ``"linear"`` 0.0414, none
+    0.0419, ``"adascale"`` 0.0487).
+    """
     return AUTO_RULES[optimizer_family(optimizer)]
 
 

@@ -118,34 +118,37 @@ class VarianceTest:
 
     **Learning-rate coupling, on by default.** Given ``optimizer=...`` (a
     :class:`~local_opt.LocalOptimizer` or any ``torch.optim.Optimizer``), the test multiplies
-    every param group's learning rate *during* each ``optimizer.step()`` by a factor for the
-    batch size it last returned, :math:`b`, relative to :math:`b_0` (``base_batch_size``, or
-    the first ``batch_size`` given to a suggest method), with :math:`S = b/b_0`
-    (:func:`local_opt.lr.lr_factor`):
+    every param group's learning rate *during* each ``optimizer.step()`` by a factor
+    :math:`c(S)` for the batch size it last returned, :math:`b`, relative to :math:`b_0`
+    (``base_batch_size``, or the first ``batch_size`` given to a suggest method),
+    :math:`S = b/b_0` (:func:`local_opt.lr.lr_factor`). ``lr_coupling="auto"`` (the default)
+    chooses by the optimizer's family, from measurements on the project's tasks
+    (``docs/lr-coupling.md``; :data:`local_opt.lr.AUTO_RULES`):
 
     .. math::
-        \text{lr}_{\text{step}} = \text{lr}_{\text{schedule}} \cdot c(S), \qquad
-        c_{\text{adascale}}(S) = \frac{\overline{V}/b_0 + \overline{|G|^2}}
-            {\overline{V}/b + \overline{|G|^2}} \in [1, S]
+        \text{Adam-type:}\quad c(S) = \frac{\overline{V}/b_0 + \overline{|G|^2}}
+            {\overline{V}/b + \overline{|G|^2}} \in [1, S], \qquad
+        \text{SGD:}\quad c(S) = \min\Big(S,\ \frac{\text{lr}_{\text{peak}}}{\text{lr}}\Big)
 
-    AdaScale's gain ratio (Johnson et al., 2020) from the test's own moving averages of the
-    per-sample variance :math:`\overline V = \operatorname{tr}\Sigma` and of the de-biased
-    :math:`\overline{|G|^2}` (:meth:`noise_estimates`): :math:`S` (linear scaling) while the
-    noise dominates the mini-batch gradient, 1 once the gradient does. ``lr_coupling="auto"``
-    (the default) stands for ``"adascale"`` with both optimizer families, chosen on the project's
-    tasks (``docs/lr-coupling.md``; :data:`local_opt.lr.AUTO_RULES`); ``"sqrt"``
-    (:math:`\sqrt S`), ``"linear"`` (:math:`S`) and ``"seesaw"``
-    (:math:`\min(S^k, \text{lr}_{\text{peak}}/\text{lr})`, :math:`k = 1/2` for Adam-type
-    optimizers and 1 for SGD) are the alternatives, ``"none"`` opts out. A step pre-hook
-    multiplies and a post-hook restores, so learning-rate schedulers (``LambdaLR``,
-    ``OneCycleLR``, ``CosineAnnealingLR``, ``ReduceLROnPlateau``, :class:`~local_opt.SampleLR`)
-    work unchanged, ``group["lr"]`` and the optimizer's ``state_dict`` hold the schedule's
-    value, and a step at :math:`b = b_0` is bit for bit the uncoupled one. :math:`b_0`, :math:`b`
-    and the coupling's state are in this test's ``state_dict``. Index the schedule by samples
-    (:class:`~local_opt.SampleLR`) so that it keeps its meaning when the batch grows.
-    With ``policy="paper"``, ``"auto"`` means ``"none"`` (the published method runs at the
-    user's learning rate); an explicit rule still applies. The coupling never changes a
-    decision of the test.
+    The first is AdaScale's gain ratio (Johnson et al., 2020) from the test's own moving
+    averages of the per-sample variance :math:`\overline V = \operatorname{tr}\Sigma` and of the
+    de-biased :math:`\overline{|G|^2}` (:meth:`noise_estimates`): :math:`S` while the noise
+    dominates the mini-batch gradient, 1 once the gradient does. The second is the Seesaw rule
+    (Meterez et al., 2025) for SGD, where a batch :math:`S` times larger does what a learning
+    rate :math:`S` times smaller does: the grown batch stands in for the schedule's decay so far
+    (:math:`\text{lr}/\text{lr}_{\text{peak}}`), and the coupled learning rate never exceeds the
+    schedule's peak. ``"adascale"``, ``"seesaw"`` (:math:`\min(S^k,
+    \text{lr}_{\text{peak}}/\text{lr})`, :math:`k = 1/2` for Adam-type optimizers, 1 for SGD),
+    ``"sqrt"`` (:math:`\sqrt S`) and ``"linear"`` (:math:`S`) can be chosen for any optimizer;
+    ``"none"`` opts out. A step pre-hook multiplies and a post-hook restores, so learning-rate
+    schedulers (``LambdaLR``, ``OneCycleLR``, ``CosineAnnealingLR``, ``ReduceLROnPlateau``,
+    :class:`~local_opt.SampleLR`) work unchanged, ``group["lr"]`` and the optimizer's
+    ``state_dict`` hold the schedule's value, and a step at :math:`b = b_0` is bit for bit the
+    uncoupled one. :math:`b_0`, :math:`b` and the coupling's state (the peak learning rates) are
+    in this test's ``state_dict``. Index the schedule by samples (:class:`~local_opt.SampleLR`)
+    so that it keeps its meaning when the batch grows. With ``policy="paper"``, ``"auto"`` means
+    ``"none"`` (the published method runs at the user's learning rate); an explicit rule still
+    applies. The coupling never changes a decision of the test.
 
     **Pooling is exact.** Each rank reduces its batch to the sufficient statistics of
     :mod:`local_opt._stats` (sample count, :math:`\sum g_i`, :math:`\sum\lVert g_i\rVert^2`,
