@@ -478,3 +478,41 @@ def test_errors():
         vt = VarianceTest(model, F.mse_loss, optimizer=opt)
         vt.load_state_dict({**vt.state_dict(), "lr_coupling": {"batch_size": 0}})
     assert LRCoupling("sqrt", 4).factor(16) == 2.0  # the by-hand factor still works
+
+
+# ------------------------------------------------------------------ examples/train.py plumbing
+
+
+def test_train_py_gives_every_strategy_the_same_rule():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))
+    import train
+
+    model = nn.Linear(3, 2)
+
+    def policy(argv, optim="sgd"):
+        args = train.parse_args([*argv, "--optimizer", optim])
+        opt = train.make_optimizer(args, model)
+        return train.make_policy(args, model, F.cross_entropy, opt, world_size=2, budget=10_000)
+
+    assert policy(["--strategy", "adaptive"]).lr_coupling == "seesaw"  # SGD's auto
+    assert policy(["--strategy", "adaptive"], "adamw").lr_coupling == "adascale"
+    assert policy(["--strategy", "adaptive", "--policy", "paper"]).lr_coupling == "none"
+    stage = policy(["--strategy", "stagewise"], "adamw")  # the same rule, observe-only test
+    assert stage.lr_coupling == "adascale" and isinstance(stage.variance_test, VarianceTest)
+    assert stage.variance_test._coupling.optimizer is None
+    const = policy(["--strategy", "constant"], "adamw")  # b == b0: no test needed
+    assert const.lr_coupling == "adascale" and const.variance_test is None
+    assert policy(["--strategy", "linear"]).lr_coupling == "seesaw"
+    off = ["--lr-coupling", "none"]
+    for strategy in ("adaptive", "constant", "stagewise", "linear", "doubling"):
+        assert policy(["--strategy", strategy, *off], "adamw").lr_coupling == "none"
+    doubling = policy(["--strategy", "doubling", "--batch-size", "16", "--max-batch-size", "128"])
+    assert doubling.lr_coupling == "sqrt"  # the rule that defines it
+    assert doubling.milestones == [2500, 5000, 7500]  # 16 -> 128: 3 doublings, evenly spaced
+    at = policy(["--strategy", "doubling", "--doubling-at", "0.1", "0.3"])
+    assert at.milestones == [1000, 3000]
+    with pytest.raises(SystemExit):
+        train.parse_args(["--strategy", "doubling", "--doubling-at", "0.5", "0.2"])
