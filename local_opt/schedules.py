@@ -12,8 +12,8 @@ Round 0 runs with the initial batch size; the :math:`r`-th call of ``suggest``
 (:math:`r = 1, 2, \dots`) returns the batch size of round :math:`r`, like a learning-rate
 scheduler's ``step()`` (``StagewiseBatchSize(b, milestones=[10], factor=2)`` returns ``b`` for
 calls 1–9 and ``2b`` from the 10th call on, as ``MultiStepLR`` would). ``inputs``, ``targets``
-and ``batch_size`` are accepted for interface compatibility and ignored: the schedule alone
-decides.
+and ``batch_size`` are accepted for interface compatibility and ignored (except by an
+observe-only test, below): the schedule alone decides.
 
 **Learning-rate coupling.** Given ``optimizer=...``, a schedule multiplies the optimizer's learning
 rate during each step by the factor of ``lr_coupling`` for its current batch size relative to
