@@ -143,9 +143,10 @@ def auto_rule(optimizer: Any) -> str:
 
 
 def resolve_rule(lr_coupling: Any, optimizer: Any) -> str:
-    """``lr_coupling`` checked, ``"auto"`` resolved for ``optimizer``."""
+    """``lr_coupling`` checked, ``"auto"`` resolved for ``optimizer`` (``"none"`` without one:
+    there is nothing to couple)."""
     if lr_coupling == "auto":
-        return auto_rule(optimizer)
+        return "none" if optimizer is None else auto_rule(optimizer)
     if lr_coupling not in RULES:
         raise ValueError(
             f"Invalid lr_coupling: {lr_coupling!r} (expected 'auto' or one of {', '.join(RULES)})"

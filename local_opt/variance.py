@@ -275,8 +275,9 @@ class VarianceTest:
         micro_batches (int): micro-batches per batch for the ``"microbatch"`` backend, at
             least 2; a remainder of ``b mod micro_batches`` samples is left out (default: 4).
         optimizer (Optimizer, optional): the optimizer whose learning rate is coupled to the
-            batch size during each step (default: None: nothing is coupled; :meth:`lr_factor`
-            still gives the factor).
+            batch size during each step (default: None: nothing is coupled, ``"auto"`` means
+            ``"none"``; with an explicit rule :meth:`lr_factor` gives the factor to apply by
+            hand).
         lr_coupling (str): ``"auto"``, ``"none"``, ``"adascale"``, ``"sqrt"``, ``"linear"`` or
             ``"seesaw"`` (default: ``"auto"``; see above).
         base_batch_size (int, optional): :math:`b_0`, the per-worker batch size the learning

@@ -118,6 +118,9 @@ def test_auto_rule_by_optimizer_family():
     assert optimizer_family(sgd) == "sgd" and optimizer_family(adamw) == "adam"
     assert optimizer_family(LocalOptimizer(adamw, sync_every=2)) == "adam"  # looked through
     assert (auto_rule(sgd), auto_rule(adamw)) == ("seesaw", "adascale")  # docs/lr-coupling.md
+    model, x, y = problem()
+    assert VarianceTest(model, F.mse_loss).lr_coupling == "none"  # no optimizer: nothing coupled
+    assert ConstantBatchSize(4).lr_coupling == "none"
 
 
 # ------------------------------------------------------------------ inside the step
