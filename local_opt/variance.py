@@ -148,7 +148,9 @@ class VarianceTest:
     in this test's ``state_dict``. Index the schedule by samples (:class:`~local_opt.SampleLR`)
     so that it keeps its meaning when the batch grows. With ``policy="paper"``, ``"auto"`` means
     ``"none"`` (the published method runs at the user's learning rate); an explicit rule still
-    applies. The coupling never changes a decision of the test.
+    applies. The coupling does not enter the test's decision (the same statistics give the same
+    batch size). Apply every suggestion (``sampler.set_batch_size(vt.suggest(...))``): the factor
+    is for the batch size the test returned.
 
     **Pooling is exact.** Each rank reduces its batch to the sufficient statistics of
     :mod:`local_opt._stats` (sample count, :math:`\sum g_i`, :math:`\sum\lVert g_i\rVert^2`,
