@@ -53,8 +53,10 @@ def lr_at(
                 & s \ge w
         \end{cases}
 
-    with :math:`\mathrm{lr}_{\min} = \texttt{min\_lr} \cdot \mathrm{lr}_0`. ``train.py``
-    multiplies it by ``local_opt.LRCoupling``'s factor for the current batch size.
+    with :math:`\mathrm{lr}_{\min} = \texttt{min\_lr} \cdot \mathrm{lr}_0`: the schedule
+    ``train.py`` runs as ``local_opt.SampleLR(opt, local_opt.warmup_cosine(warmup, min_lr),
+    budget)``, kept here as its closed form; the batch-size policy multiplies it during each step
+    by its learning-rate coupling factor.
     """
     w = warmup * budget
     if samples < w:
