@@ -638,13 +638,14 @@ class LocalOptimizer(Optimizer):
             own["compression"], own["overlap"] = self.compression, self.overlap
             if self._outer is None:
                 own["anchor"] = [a.detach().clone() for a in self._anchor]
-            own["sent"] = [t.clone() for t in self._sent]
-            own["residual"] = [t.clone() for t in self._residual]
-            own["shard_residual"] = [t.clone() for t in self._shard_residual]
-            # a mean in flight is completed (collective with compression: every rank saves)
+            # a mean in flight is completed first (collective with compression: every rank
+            # saves), as it updates the shard residual
             own["pending"] = (
                 None if self._pending is None else [m.wait().clone() for m in self._pending]
             )
+            own["sent"] = [t.clone() for t in self._sent]
+            own["residual"] = [t.clone() for t in self._residual]
+            own["shard_residual"] = [t.clone() for t in self._shard_residual]
         sd["local_opt"] = own
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
