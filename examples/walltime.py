@@ -1,0 +1,172 @@
+r"""Modeled wall time of a Local SGD run on a network: from measured compute and exact bytes.
+
+A run's records give, per round :math:`k`, the compute time :math:`C_k` of its local steps
+(forward, backward, optimizer step; measured by train.py, communication excluded) and the bytes
+:math:`b_k` its collectives counted (``LocalOptimizer.bytes_communicated``: the size of each
+vector reduced). On a network where every rank has a link of bandwidth :math:`\beta` (full
+duplex) and each collective pays a latency :math:`\alpha`, a ring all-reduce (or our
+all-to-all + all-gather) puts :math:`w = 2\frac{M-1}{M}` times the counted bytes on each rank's
+link, so the round's communication takes
+
+.. math::
+    T^{\text{comm}}_k = n_k\,\alpha + \frac{w\, b_k}{\beta}
+
+(:math:`n_k` collectives: 1 for an fp32 round, 2 for a compressed one). Without overlap the run
+takes :math:`T = \sum_k (C_k + T^{\text{comm}}_k)`. With ``overlap=True`` the part
+:math:`h_k` of round :math:`k`'s communication that runs in the background (the fp32
+all-reduce; with compression the all-to-all, half the bytes) hides behind the next round's
+compute, the rest :math:`x_k` does not:
+
+.. math::
+    T = \sum_k \Big(C_k + x_k + \max(0,\ h_k - C_{k+1})\Big), \qquad C_{K+1} = 0
+
+(the last mean is completed by the final ``sync()`` with nothing left to hide behind). Small
+per-round collectives (the variance test's sums, BatchNorm statistics, train-loss logging),
+evaluation and start-up are not modeled; their bytes are counted in :math:`b_k` when
+``LocalOptimizer`` sends them, but not their latency.
+
+:func:`round_costs` turns a run's records into per-round costs; :func:`modeled_time` applies the
+model; :func:`summary_fields` gives what train.py saves in ``summary.json`` (to the target and
+over the budget, at :data:`NETWORKS`); :func:`walltime_table` makes the per-strategy table from
+the runs' summaries (``paper.py``).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+#: (bandwidth in Gbit/s, latency in s) of the networks the summaries report.
+NETWORKS: tuple[tuple[float, float], ...] = ((1.0, 1e-3), (10.0, 1e-3), (100.0, 1e-3), (1.0, 50e-3))
+
+
+def network_key(gbits: float, latency: float) -> str:
+    """``"1Gbps_1ms"``: the key of a network in ``summary.json``'s ``modeled_wall_time``."""
+    return f"{gbits:g}Gbps_{latency * 1e3:g}ms"
+
+
+@dataclass
+class RoundCost:
+    """One round: compute seconds, bytes counted, and which part overlap hides."""
+
+    compute_s: float
+    nbytes: int
+    hidden_bytes: int = 0  # bytes whose collective runs in the background (overlap)
+    collectives: int = 1  # latencies paid in the foreground
+    hidden_collectives: int = 0  # latencies paid in the background
+
+
+def modeled_time(costs: list[RoundCost], world: int, gbits: float, latency: float) -> float:
+    """:math:`T` of the module docstring for ``world`` ranks on links of ``gbits`` Gbit/s with
+    ``latency`` seconds per collective."""
+    bw = gbits * 1e9 / 8.0
+    wire = 2.0 * (world - 1) / world if world > 1 else 0.0
+    lat = latency if world > 1 else 0.0
+    total = 0.0
+    for k, c in enumerate(costs):
+        exposed = c.collectives * lat + wire * (c.nbytes - c.hidden_bytes) / bw
+        hidden = c.hidden_collectives * lat + wire * c.hidden_bytes / bw
+        nxt = costs[k + 1].compute_s if k + 1 < len(costs) else 0.0
+        total += c.compute_s + exposed + max(0.0, hidden - nxt)
+    return total
+
+
+def round_costs(
+    records: list[dict[str, Any]], param_bytes: int, compression: str | None, overlap: bool
+) -> list[RoundCost]:
+    """Per-round costs from train.py's records (cumulative ``compute_time`` and
+    ``bytes_communicated``). ``param_bytes``: the bytes of one round's parameter mean."""
+    costs, t_prev, b_prev = [], 0.0, 0
+    for r in records:
+        nbytes = int(r["bytes_communicated"]) - b_prev
+        compute = float(r.get("compute_time", 0.0)) - t_prev
+        t_prev, b_prev = float(r.get("compute_time", 0.0)), int(r["bytes_communicated"])
+        mean = min(param_bytes, nbytes)
+        if compression is None:
+            hidden, coll, hcoll = (mean, 0, 1) if overlap else (0, 1, 0)
+        else:  # all_to_all (background with overlap) + all_gather, half the bytes each
+            hidden, coll, hcoll = (mean // 2, 1, 1) if overlap else (0, 2, 0)
+        costs.append(RoundCost(compute, nbytes, hidden, coll, hcoll))
+    return costs
+
+
+def summary_fields(
+    records: list[dict[str, Any]],
+    world: int,
+    param_bytes: int,
+    compression: str | None,
+    overlap: bool,
+    rounds_to_target: int | None,
+) -> dict[str, Any]:
+    """``modeled_wall_time``: per network, seconds to the target (None if not reached) and over
+    the whole budget; plus the inputs (compute time, bytes per round, world size)."""
+    costs = round_costs(records, param_bytes, compression, overlap)
+    to_target = None
+    if rounds_to_target is not None:
+        to_target = [c for c, r in zip(costs, records) if r["round"] <= rounds_to_target]
+    out: dict[str, Any] = {}
+    for gbits, lat in NETWORKS:
+        out[network_key(gbits, lat)] = {
+            "to_target": None if to_target is None else modeled_time(to_target, world, gbits, lat),
+            "budget": modeled_time(costs, world, gbits, lat),
+        }
+    return {
+        "modeled_wall_time": out,
+        "compute_time": sum(c.compute_s for c in costs),
+        "param_bytes_per_round": param_bytes,
+        "compression": compression,
+        "overlap": overlap,
+    }
+
+
+def report_lines(summary: dict[str, Any]) -> list[str]:
+    """Lines train.py prints: the modeled wall time per network."""
+    lines = [
+        f"modeled wall time (compute {summary.get('compute_time', 0.0):.1f} s, "
+        f"{summary.get('rounds', 0)} rounds, {summary.get('bytes_communicated', 0) / 1e6:.2f} MB "
+        f"counted, M={summary.get('world_size', 1)}):"
+    ]
+    for key, v in summary.get("modeled_wall_time", {}).items():
+        tt = "-" if v["to_target"] is None else f"{v['to_target']:.1f} s"
+        lines.append(f"  {key:>14}: to target {tt:>9}, budget {v['budget']:.1f} s")
+    return lines
+
+
+def walltime_table(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Markdown table: per strategy (label -> its seeds' ``summary.json``), mean over seeds of
+    the modeled wall time to the target (budget when no target) at each of :data:`NETWORKS`,
+    with the rounds, the MB counted and the compute seconds behind it."""
+    keys = [network_key(g, lat) for g, lat in NETWORKS]
+    head = " | ".join(f"{g:g} Gbit/s, {lat * 1e3:g} ms" for g, lat in NETWORKS)
+    lines = [
+        f"| strategy | rounds | MB counted | compute s | {head} |",
+        "|---" * (4 + len(keys)) + "|",
+    ]
+
+    def mean(values: list[float | None]) -> str:
+        vals = [v for v in values if v is not None]
+        if not vals:
+            return "—"
+        miss = len(values) - len(vals)
+        return f"{statistics.mean(vals):.1f}" + (f" ({miss} missed)" if miss else "")
+
+    for label, summaries in runs.items():
+        summaries = [s for s in summaries if "modeled_wall_time" in s]
+        if not summaries:
+            continue
+        reach = [s.get("rounds_to_target") for s in summaries]
+        use_target = any(s.get("target") is not None for s in summaries)
+        cells = []
+        for key in keys:
+            which = "to_target" if use_target else "budget"
+            cells.append(mean([s["modeled_wall_time"][key][which] for s in summaries]))
+        rounds = (
+            mean([float(r) for r in reach if r is not None])
+            if use_target
+            else mean([float(s.get("rounds", 0)) for s in summaries])
+        )
+        mb = mean([s.get("bytes_communicated", 0) / 1e6 for s in summaries])
+        compute = mean([s.get("compute_time") for s in summaries])
+        lines.append(f"| {label} | {rounds} | {mb} | {compute} | " + " | ".join(cells) + " |")
+    return lines
