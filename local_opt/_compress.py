@@ -111,10 +111,11 @@ def decode_chunks(payload: Tensor, c: int, fmt: str) -> Tensor:
     if fmt == "bf16":
         return payload.contiguous().view(torch.bfloat16).float().reshape(k, c)
     nb = -(-c // INT8_BLOCK)
-    q = payload[:, :c].contiguous().view(torch.int8).float()
+    q = payload.new_zeros(k, nb * INT8_BLOCK, dtype=torch.float32)
+    q[:, :c] = payload[:, :c].view(torch.int8)
     scale = payload[:, c:].contiguous().view(torch.float32)  # (k, nb)
-    idx = torch.arange(c, device=payload.device) // INT8_BLOCK
-    return q * scale[:, idx] if nb else q
+    out = q.view(k, nb, INT8_BLOCK).mul_(scale.unsqueeze(2)).view(k, nb * INT8_BLOCK)
+    return out[:, :c]
 
 
 def roundtrip(x: Tensor, fmt: str) -> Tensor:
