@@ -34,11 +34,18 @@ the runs' summaries (``paper.py``).
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass
 from typing import Any
 
 #: (bandwidth in Gbit/s, latency in s) of the networks the summaries report.
-NETWORKS: tuple[tuple[float, float], ...] = ((1.0, 1e-3), (10.0, 1e-3), (100.0, 1e-3), (1.0, 50e-3))
+NETWORKS: tuple[tuple[float, float], ...] = (
+    (1.0, 1e-3),
+    (10.0, 1e-3),
+    (100.0, 1e-3),
+    (1.0, 50e-3),
+    (0.1, 50e-3),
+)
 
 
 def network_key(gbits: float, latency: float) -> str:
@@ -165,7 +172,7 @@ def walltime_table(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
         cells = []
         for key in keys:
             which = "to_target" if use_target else "budget"
-            cells.append(mean([s["modeled_wall_time"][key][which] for s in summaries]))
+            cells.append(mean([s["modeled_wall_time"].get(key, {}).get(which) for s in summaries]))
         rounds = (
             mean([float(r) for r in reach if r is not None])
             if use_target
@@ -229,12 +236,82 @@ def check_latency(latency_ms: float, flags: list[str], out: str) -> list[str]:
     return rows
 
 
+def _time_rounds(numel: int, repeats: int, out: str) -> None:
+    """On each of 2 ranks: median seconds of one round (``LocalOptimizer.sync``) of a model of
+    ``numel`` parameters, fp32 / bf16 / int8; rank 0 writes them and the bytes to ``out``."""
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    from local_opt import LocalOptimizer
+
+    res = {}
+    for fmt in (None, "bf16", "int8"):
+        p = torch.nn.Parameter(torch.randn(numel))
+        opt = LocalOptimizer(torch.optim.SGD([p], lr=0.1), sync_every=10**9, compression=fmt)
+        times = []
+        for _ in range(repeats + 1):
+            with torch.no_grad():
+                p.add_(torch.randn(numel), alpha=1e-3)
+            dist.barrier()
+            t0 = time.perf_counter()
+            opt.sync()
+            times.append(time.perf_counter() - t0)
+        res[str(fmt)] = {
+            "s": statistics.median(times[1:]),
+            "bytes": opt.bytes_communicated // (repeats + 1),
+        }
+    if dist.get_rank() == 0:
+        with open(out, "w") as f:
+            json.dump(res, f)
+
+
+def check_bandwidth(numel: int, rate_mbit: float, repeats: int, out: str) -> list[str]:
+    r"""Time one round on 2 gloo ranks, and compare with the model. Run it twice: in a network
+    namespace whose loopback has no limit (``rate_mbit`` 0: the baseline, which measures the
+    encoding and loopback costs) and one with ``tc qdisc add dev lo root tbf rate <R>mbit``.
+    Both ranks' traffic shares the one ``lo`` queue, so each rank's link is :math:`\beta = R/2`;
+    the model's prediction is the baseline time plus :math:`w\, b / \beta` (latency ~0)."""
+    import json
+    import os
+
+    import launch
+
+    path = os.path.join(out, f"rounds_{rate_mbit:g}mbit.json")
+    os.makedirs(out, exist_ok=True)
+    launch.launch(_time_rounds, (numel, repeats, path), 2)
+    with open(path) as f:
+        res = json.load(f)
+    lines = [f"rate {rate_mbit:g} Mbit/s, N = {numel}: " + json.dumps(res)]
+    base_path = os.path.join(out, "rounds_0mbit.json")
+    if rate_mbit and os.path.exists(base_path):
+        with open(base_path) as f:
+            base = json.load(f)
+        beta = rate_mbit * 1e6 / 8 / 2
+        lines.append("| format | bytes counted | baseline s | measured s | modeled s | error |")
+        lines.append("|---|---|---|---|---|---|")
+        for fmt, r in res.items():
+            modeled = base[fmt]["s"] + r["bytes"] / beta  # w = 2 (M-1)/M = 1 for M = 2
+            lines.append(
+                f"| {fmt} | {r['bytes']} | {base[fmt]['s']:.3f} | {r['s']:.3f} | {modeled:.3f} | "
+                f"{(r['s'] - modeled) / modeled:+.1%} |"
+            )
+    return lines
+
+
 if __name__ == "__main__":
     import argparse
 
-    p = argparse.ArgumentParser(description="Check the wall-time model with an injected latency")
+    p = argparse.ArgumentParser(description="Check the wall-time model on this machine")
     p.add_argument("--latency-ms", type=float, default=200.0)
+    p.add_argument("--bandwidth-mbit", type=float, default=None,
+                   help="time single rounds instead (0: baseline; see check_bandwidth)")  # fmt: skip
+    p.add_argument("--numel", type=int, default=2_000_000)
     p.add_argument("--out", default="runs/walltime_check")
     p.add_argument("flags", nargs="*", help="train.py flags (after --)")
     a = p.parse_args()
-    print("\n".join(check_latency(a.latency_ms, a.flags, a.out)))
+    if a.bandwidth_mbit is not None:
+        print("\n".join(check_bandwidth(a.numel, a.bandwidth_mbit, 5, a.out)))
+    else:
+        print("\n".join(check_latency(a.latency_ms, a.flags, a.out)))
