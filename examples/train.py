@@ -228,11 +228,11 @@ class Trainer:
                     break
             else:
                 self.sampler.set_epoch(self.sampler.epoch + 1)
-        if opt.local_step > 0 or args.overlap:  # finish with a last average (overlap: the
-            t0 = time.perf_counter()  # mean in flight; the models agree after sync())
-            opt.sync()
-            self.step_time += time.perf_counter() - t0
+        if opt.local_step > 0:  # the budget ran out mid-round: finish it with a last average
+            self._sync()
             self._end_round(x, y, final=True)
+        elif opt.overlap:  # complete the mean in flight: the models agree after it
+            self._sync()
         self.log.close()
         return self._finish() if self.rank == 0 else None
 
@@ -253,6 +253,11 @@ class Trainer:
         self.samples += self.world * len(y)  # every rank's batch has the same size
         self.loss_sum, self.loss_count = self.loss_sum + loss.item(), self.loss_count + 1
         self.round_hash = _common.order_hash(idx, self.round_hash)
+
+    def _sync(self) -> None:
+        t0 = time.perf_counter()
+        self.opt.sync()
+        self.step_time += time.perf_counter() - t0
 
     def _inner_stepped(self, *_: Any) -> None:
         """The wrapped optimizer's step post hook: the end of a step's compute (before the
@@ -292,6 +297,8 @@ class Trainer:
         last_round = bool(
             final or (args.max_rounds and rnd >= args.max_rounds) or self.samples >= self.budget
         )
+        if last_round and opt.overlap:  # the mean in flight first: the models then agree
+            self._sync()
         self._evaluate(rec, last_round)
         rec["wall_time"] = self.wall_offset + time.perf_counter() - self.start
         self.log.add(rec)

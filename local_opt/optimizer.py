@@ -445,7 +445,8 @@ class LocalOptimizer(Optimizer):
         """Run a round now (e.g. before evaluation or a checkpoint). Collective: call on all ranks.
 
         With ``overlap=True`` it also completes the mean in flight, so the models agree after
-        it; right after a round (no local step since) it only completes that mean.
+        it; right after a round (no local step since) it only completes that mean, and it does
+        nothing when no mean is in flight and no step was taken since.
         """
         self._round(flush=True)
 
@@ -456,6 +457,8 @@ class LocalOptimizer(Optimizer):
         params = self._params()
         distributed = _comm.is_distributed(self.process_group)
         if distributed and self._delta_mode:
+            if flush and steps_since == 0 and self.overlap and self._pending is None:
+                return  # the models agree already
             new_round = not (flush and steps_since == 0 and self._pending is not None)
             if self._delta_round(params, new_round, flush) and new_round:
                 self._num_syncs += 1

@@ -51,3 +51,44 @@ def test_summary_fields_and_table():
     lines = walltime.walltime_table({"fp32": [summary, summary]})
     assert lines[0].startswith("| strategy |") and "1 Gbit/s, 50 ms" in lines[0]
     assert lines[2].startswith("| fp32 | 2.0 | 375.0 | 2.0 | 4.0 |")
+
+
+@pytest.mark.timeout(400)
+def test_train_py_int8_overlap_run_reports_the_modeled_wall_time(tmp_path):
+    """A tiny 2-rank train.py run with --compression int8 --overlap: bytes per round are the
+    int8 mean of the parameters plus the fp32 BatchNorm statistics and flags, compute time is
+    recorded, the models agree at the end, and summary.json holds the modeled wall time."""
+    import json
+    import subprocess
+
+    import torch
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(tmp_path)
+    argv = ["--nproc", "2", "--strategy", "constant", "--batch-size", "8", "--sync-every", "2",
+            "--max-rounds", "4", "--no-progress", "--compression", "int8", "--overlap",
+            "--out", out]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "examples", "train.py"), *argv],
+        capture_output=True, text=True, timeout=300, cwd=root,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "modeled wall time" in proc.stdout
+    with open(os.path.join(out, "summary.json")) as f:
+        s = json.load(f)
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert s["compression"] == "int8" and s["overlap"] is True
+    assert set(s["modeled_wall_time"]) == {walltime.network_key(g, a) for g, a in walltime.NETWORKS}
+    assert 0 < s["compute_time"] <= s["step_time"]
+    assert all(r["compute_time"] > 0 for r in records)
+    state = torch.load(os.path.join(out, "model_final.pt"))
+    n = sum(v.numel() for k, v in state.items() if "running" not in k and "num_batches" not in k)
+    from local_opt._compress import mean_nbytes
+
+    assert s["param_bytes_per_round"] == mean_nbytes(n, 2, "int8")
+    per_round = [
+        b["bytes_communicated"] - a["bytes_communicated"] for a, b in zip(records, records[1:])
+    ]
+    assert all(p > s["param_bytes_per_round"] for p in per_round)  # + fp32 BatchNorm buffers
+    assert all(p < s["param_bytes_per_round"] * 1.1 for p in per_round)
