@@ -4,27 +4,28 @@ A run's records give, per round :math:`k`, the compute time :math:`C_k` of its l
 (forward, backward, optimizer step; measured by train.py, communication excluded) and the bytes
 :math:`b_k` its collectives counted (``LocalOptimizer.bytes_communicated``: the size of each
 vector reduced). On a network where every rank has a link of bandwidth :math:`\beta` (full
-duplex) and each collective pays a latency :math:`\alpha`, a ring all-reduce (or our
-all-to-all + all-gather) puts :math:`w = 2\frac{M-1}{M}` times the counted bytes on each rank's
-link, so the round's communication takes
+duplex) and an average pays a latency :math:`\alpha`, a ring all-reduce (or our all-to-all +
+all-gather) puts :math:`w = 2\frac{M-1}{M}` times the counted bytes on each rank's link, so the
+round's communication takes
 
 .. math::
     T^{\text{comm}}_k = n_k\,\alpha + \frac{w\, b_k}{\beta}
 
-(:math:`n_k` collectives: 1 for an fp32 round, 2 for a compressed one, plus 1 when the round
-also averages module buffers or optimizer state, see :data:`EXTRA_BYTES`). Without overlap the run
-takes :math:`T = \sum_k (C_k + T^{\text{comm}}_k)`. With ``overlap=True`` the part
-:math:`h_k` of round :math:`k`'s communication that runs in the background (the fp32
-all-reduce; with compression the all-to-all, half the bytes) hides behind the next round's
-compute, the rest :math:`x_k` does not:
+with :math:`n_k` averages: 1 for the parameters (an fp32 all-reduce, or a compressed all-to-all +
+all-gather: both :math:`2(M-1)` message steps), plus 1 when the round also averages module
+buffers or optimizer state (see :data:`EXTRA_BYTES`). Without overlap the run takes
+:math:`T = \sum_k (C_k + T^{\text{comm}}_k)`. With ``overlap=True`` the part :math:`h_k` of
+round :math:`k`'s communication that runs in the background (the fp32 all-reduce; with
+compression the all-to-all: half the parameters' bytes and half their latency) hides behind the
+next round's compute, the rest :math:`x_k` does not:
 
 .. math::
     T = \sum_k \Big(C_k + x_k + \max(0,\ h_k - C_{k+1})\Big), \qquad C_{K+1} = 0
 
 (the last mean is completed by the final ``sync()`` with nothing left to hide behind). Small
 per-round collectives (the variance test's sums, the buffers' changed-flags, train-loss logging),
-evaluation and start-up are not modeled; their bytes are counted in :math:`b_k` when
-``LocalOptimizer`` sends them, but not their latency.
+evaluation, start-up and the CPU cost of encoding are not modeled; the bytes of the flags are
+counted in :math:`b_k`, their latency is not.
 
 :func:`round_costs` turns a run's records into per-round costs; :func:`modeled_time` applies the
 model; :func:`summary_fields` gives what train.py saves in ``summary.json`` (to the target and
@@ -67,8 +68,8 @@ class RoundCost:
     compute_s: float
     nbytes: int
     hidden_bytes: int = 0  # bytes whose collective runs in the background (overlap)
-    collectives: int = 1  # latencies paid in the foreground
-    hidden_collectives: int = 0  # latencies paid in the background
+    collectives: float = 1.0  # latencies paid in the foreground
+    hidden_collectives: float = 0.0  # latencies paid in the background
 
 
 def modeled_time(costs: list[RoundCost], world: int, gbits: float, latency: float) -> float:
@@ -97,10 +98,12 @@ def round_costs(
         compute = float(r.get("compute_time", 0.0)) - t_prev
         t_prev, b_prev = float(r.get("compute_time", 0.0)), int(r["bytes_communicated"])
         mean = min(param_bytes, nbytes)
-        if compression is None:
-            hidden, coll, hcoll = (mean, 0, 1) if overlap else (0, 1, 0)
-        else:  # all_to_all (background with overlap) + all_gather, half the bytes each
-            hidden, coll, hcoll = (mean // 2, 1, 1) if overlap else (0, 2, 0)
+        if not overlap:
+            hidden, coll, hcoll = 0, 1.0, 0.0
+        elif compression is None:  # the all-reduce runs in the background
+            hidden, coll, hcoll = mean, 0.0, 1.0
+        else:  # the all_to_all in the background, the all_gather not: half of each
+            hidden, coll, hcoll = mean // 2, 0.5, 0.5
         if nbytes - mean > EXTRA_BYTES:  # module buffers or optimizer state: one more average
             coll += 1
         costs.append(RoundCost(compute, nbytes, hidden, coll, hcoll))
