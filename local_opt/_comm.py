@@ -131,7 +131,8 @@ def mean_(flats: Sequence[Tensor], process_group: dist.ProcessGroup | None = Non
         flat /= ws
     for flat in flats:
         dist.all_reduce(flat, group=process_group)
-    simulated_wait(t0)
+    if flats:
+        simulated_wait(t0)
     return sum(f.numel() * f.element_size() for f in flats)
 
 
