@@ -138,14 +138,14 @@ class LocalOptimizer(Optimizer):
         (error feedback: what was not sent is sent later). The mean is accumulated in fp32,
 
         .. math::
-            \bar\Delta = \mathrm{Enc}_{\text{shard}}\Big(\frac1M \sum_{k=1}^{M} D(E(u_k))
-            \Big), \qquad \theta \leftarrow \theta - \bar\Delta
-            \ \ (\text{or the outer step with gradient } \bar\Delta), \qquad x_m \leftarrow
-            \theta,
+            \bar\Delta = D(E(v)), \quad v = \frac1M \sum_{k=1}^{M} D(E(u_k)) + r, \qquad
+            \theta \leftarrow \theta - \bar\Delta \ \ (\text{or the outer step with gradient }
+            \bar\Delta), \qquad x_m \leftarrow \theta,
 
         by an ``all_to_all_single`` of the encoded chunks (each rank sums its shard of the
-        vector in fp32), re-encoding of each shard with the shard owner's own residual, and an
-        ``all_gather`` (INTELLECT-1's scheme: no collective ever adds in low precision). Over
+        vector in fp32), re-encoding of each shard with the shard owner's own residual :math:`r`
+        (:math:`r \leftarrow v - D(E(v))`), and an ``all_gather`` (INTELLECT-1's scheme: no
+        collective ever adds in low precision). Over
         :math:`K` rounds the applied updates sum to the true pseudo-gradients minus the final
         residuals: :math:`\sum_k \bar\Delta_k = \sum_k \frac1M\sum_m(\theta_k - x_{m,k}) -
         \frac1M\sum_m e_{m,K} - r_K`. Module buffers (``buffers``) and
