@@ -118,3 +118,51 @@ def test_communication_per_sample_as_the_batch_grows(benchmark):
     assert len({r["bytes_per_round"] for r in rows}) == 1
     for r0, r1 in zip(rows, rows[1:]):
         assert r1["bytes_per_sample"] == pytest.approx(r0["bytes_per_sample"] / 2)
+
+
+def _compressed_round_timings(rank: int, world: int, small: bool, repeats: int) -> dict:
+    torch.manual_seed(0)
+    out = {}
+    models = {fmt: _model(small) for fmt in (None, "bf16", "int8")}
+    opts = {
+        fmt: LocalOptimizer(
+            torch.optim.SGD(m.parameters(), lr=0.1), sync_every=10**9, compression=fmt
+        )
+        for fmt, m in models.items()
+    }
+    numel = sum(p.numel() for p in models[None].parameters())
+    for fmt in ("bf16", "int8"):
+        res = interleaved_ratio(opts[fmt].sync, opts[None].sync, repeats=repeats)
+        out[fmt] = res
+    out["bytes_per_round"] = {
+        str(fmt): o.bytes_communicated // max(1, o.num_syncs) for fmt, o in opts.items()
+    }
+    out["numel"] = numel
+    return out
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.benchmark(group="optimizer-sync")
+def test_compressed_round_vs_fp32_round(benchmark, request):
+    """A round with compression="bf16"/"int8" (encode, all_to_all, fp32 shard sums, re-encode,
+    all_gather, decode) vs the fp32 all-reduce round, on 2 gloo ranks; the bytes are exact."""
+    from local_opt._compress import mean_nbytes
+
+    small = quick(request)
+    out = []
+    benchmark.pedantic(
+        lambda: out.append(
+            run_distributed(_compressed_round_timings, 2, small, 3 if small else 20, timeout=500)
+        ),
+        rounds=1,
+        iterations=1,
+    )
+    r0 = out[0][0]
+    record(benchmark, "bf16_round_vs_fp32_round", r0["bf16"])
+    record(benchmark, "int8_round_vs_fp32_round", r0["int8"])
+    n, b = r0["numel"], r0["bytes_per_round"]
+    assert b["None"] == 4 * n
+    assert b["bf16"] == mean_nbytes(n, 2, "bf16") and b["int8"] == mean_nbytes(n, 2, "int8")
+    benchmark.extra_info["bytes_ratio_bf16"] = b["None"] / b["bf16"]
+    benchmark.extra_info["bytes_ratio_int8"] = b["None"] / b["int8"]
+    print(f"\nbytes per round: fp32 {b['None']}, bf16 {b['bf16']}, int8 {b['int8']}")

@@ -219,6 +219,26 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         help="H, local steps per communication round (default: 8)",
     )
     g.add_argument(
+        "--compression",
+        default="none",
+        choices=("none", "bf16", "int8"),
+        help="send each round's pseudo-gradient in bf16 or int8, with error feedback "
+        "(LocalOptimizer(compression=...)) (default: none, the fp32 average)",
+    )
+    g.add_argument(
+        "--overlap",
+        action="store_true",
+        help="one-round-delayed averaging: a round's all-reduce runs during the next "
+        "--sync-every local steps (LocalOptimizer(overlap=True))",
+    )
+    g.add_argument(
+        "--simulate-latency-ms",
+        type=float,
+        default=0.0,
+        help="test hook: each round's averaging completes no sooner than this many ms after "
+        "it starts, to emulate a network's latency on one machine (docs/network.md) (default: 0)",
+    )
+    g.add_argument(
         "--strategy",
         default="adaptive",
         choices=STRATEGIES,
@@ -414,6 +434,7 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> argparse
         ("--eval-every-samples", args.eval_every_samples >= 0),
         ("--eval-growth", args.eval_growth >= 0),
         ("--context", args.context >= 1),
+        ("--simulate-latency-ms", args.simulate_latency_ms >= 0),
     ]
     for flag, ok in checks:
         if not ok:

@@ -44,6 +44,7 @@ import compare  # noqa: E402
 import launch  # noqa: E402
 import tasks  # noqa: E402
 import train  # noqa: E402
+import walltime  # noqa: E402
 
 STRATEGIES = (
     "constant-small",
@@ -590,6 +591,8 @@ def report(args: argparse.Namespace, elapsed: float | None, commit: str) -> list
             "",
             *late_table(task, by),
             "",
+            "**Modeled wall time to the target** (examples/walltime.py, docs/network.md):", "",
+            *walltime.walltime_table({s: list(r.values()) for s, r in by.items()}), "",
             "**Goal (issue 14, item 6), adaptive with the library's defaults:**",
             "",
         ]

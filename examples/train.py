@@ -45,6 +45,7 @@ import _common  # noqa: E402
 import config  # noqa: E402
 import launch  # noqa: E402
 import tasks  # noqa: E402
+import walltime  # noqa: E402
 from runlog import RunLog  # noqa: E402
 
 from local_opt import (  # noqa: E402
@@ -157,9 +158,22 @@ class Trainer:
         self.model = task.build_model().to(self.device)
         torch.manual_seed(args.seed * 1000 + 1 + self.rank)  # per-rank: augmentation, dropout
 
+        if args.simulate_latency_ms:  # a test hook (docs/network.md)
+            from local_opt import _comm
+
+            _comm.SIMULATED_LATENCY_S = args.simulate_latency_ms / 1e3
         self.opt = LocalOptimizer(
-            make_optimizer(args, self.model), sync_every=args.sync_every, module=self.model
+            make_optimizer(args, self.model),
+            sync_every=args.sync_every,
+            module=self.model,
+            compression=None if args.compression == "none" else args.compression,
+            overlap=args.overlap,
         )
+        # compute time of the steps (forward, backward, inner step; rounds excluded) and of
+        # the steps with their rounds, for the modeled wall time (examples/walltime.py)
+        self.compute_time = self.step_time = 0.0
+        self._t_inner = 0.0
+        self.opt.optimizer.register_step_post_hook(self._inner_stepped)
         self.sampler = AdaptiveBatchSampler(
             task.train, args.batch_size, max_batch_size=args.max_batch_size, seed=args.seed
         )
@@ -180,6 +194,12 @@ class Trainer:
         self.ckpt_path = os.path.join(args.out, "ckpt", f"rank{self.rank}.pt")
         self.samples = 0  # samples seen by all workers together
         self.wall_offset = 0.0
+        self.param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if self.opt.compression is not None and self.world > 1:
+            from local_opt._compress import mean_nbytes
+
+            n = sum(p.numel() for p in self.model.parameters())
+            self.param_bytes = mean_nbytes(n, self.world, self.opt.compression)
         records = self._resume() if args.resume else []
         if self.rank == 0:
             _common.write_json(os.path.join(args.out, "args.json"), vars(args))
@@ -215,7 +235,11 @@ class Trainer:
                 f"Invalid --resume: saved by {extra['world_size']} ranks, not {self.world}"
             )
         self.samples, self.wall_offset = extra["samples"], extra["wall_time"]
-        return extra["records"]
+        records = extra["records"]
+        if records:
+            self.compute_time = records[-1].get("compute_time", 0.0)
+            self.step_time = records[-1].get("step_time", 0.0)
+        return records
 
     def _next_eval_after(self, samples: int) -> int:
         """The sample count from which the next validation is due, after one at ``samples``:
@@ -245,8 +269,10 @@ class Trainer:
             else:
                 self.sampler.set_epoch(self.sampler.epoch + 1)
         if opt.local_step > 0:  # the budget ran out mid-round: finish it with a last average
-            opt.sync()
+            self._sync()
             self._end_round(x, y, final=True)
+        elif opt.overlap:  # complete the mean in flight: the models agree after it
+            self._sync()
         self.log.close()
         return self._finish() if self.rank == 0 else None
 
@@ -254,15 +280,28 @@ class Trainer:
         # The schedule at the samples seen after this step; the policy's coupling multiplies it
         # during opt.step() (and restores it after).
         self.lr_schedule.step(self.world * len(y))
+        t0 = time.perf_counter()
         self.opt.zero_grad()
         loss = self.task.loss_fn(self.model(x), y)
         loss.backward()
         self.opt.step()  # every H-th step ends with a round: the models are averaged
         factors = getattr(self.policy, "last_lr_factors", None) or [1.0]
         self.step_lr = self.opt.param_groups[0]["lr"] * factors[0]
+        self.step_time += time.perf_counter() - t0
+        self.compute_time += self._t_inner - t0
         self.samples += self.world * len(y)  # every rank's batch has the same size
         self.loss_sum, self.loss_count = self.loss_sum + loss.item(), self.loss_count + 1
         self.round_hash = _common.order_hash(idx, self.round_hash)
+
+    def _sync(self) -> None:
+        t0 = time.perf_counter()
+        self.opt.sync()
+        self.step_time += time.perf_counter() - t0
+
+    def _inner_stepped(self, *_: Any) -> None:
+        """The wrapped optimizer's step post hook: the end of a step's compute (before the
+        round that may follow it in LocalOptimizer.step)."""
+        self._t_inner = time.perf_counter()
 
     def _end_round(self, x: torch.Tensor, y: torch.Tensor, final: bool) -> bool:
         """Log the round that just ended, pick the next batch size; True to stop training."""
@@ -285,6 +324,8 @@ class Trainer:
             "lr": self.step_lr,
             "train_loss": t[0].item() / max(t[1].item(), 1.0),
             "bytes_communicated": opt.bytes_communicated,
+            "compute_time": self.compute_time,
+            "step_time": self.step_time,
             "order_hash": f"{_common.order_hash(t[2:].to(torch.int64)):08x}",
         }
         stats = getattr(self.policy, "last_stats", {}) or {}
@@ -295,6 +336,8 @@ class Trainer:
         last_round = bool(
             final or (args.max_rounds and rnd >= args.max_rounds) or self.samples >= self.budget
         )
+        if last_round and opt.overlap:  # the mean in flight first: the models then agree
+            self._sync()
         self._evaluate(rec, last_round)
         rec["wall_time"] = self.wall_offset + time.perf_counter() - self.start
         self.log.add(rec)
@@ -349,7 +392,20 @@ class Trainer:
             initial_batch_size=args.batch_size,
             target_acc=args.target_acc,
             target_loss=args.target_loss,
+            step_time=self.step_time,
         )
+        summary.update(
+            walltime.summary_fields(
+                self.log.records,
+                self.world,
+                self.param_bytes,
+                self.opt.compression,
+                args.overlap,
+                summary.get("rounds_to_target"),
+            )
+        )
+        _common.write_json(os.path.join(args.out, "summary.json"), summary)
+        print("\n".join(walltime.report_lines(summary)), flush=True)
         self.log.plot(
             f"{args.name}: {self.task.description}, M={self.world}, H={args.sync_every}"
         )

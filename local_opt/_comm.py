@@ -8,6 +8,7 @@ and writes the result back into the tensors in place with ``copy_``. Nothing is 
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
@@ -103,6 +104,21 @@ def reduce_mean_packed(
     return flats, groups
 
 
+#: Test hook (0: off): seconds a round's averaging takes at least, counted from when it starts,
+#: to emulate a network's latency on one machine (docs/network.md). ``mean_`` and the means of
+#: ``local_opt._compress`` sleep in their wait until that much time has passed since their start;
+#: an overlapped round hides it behind the local steps like a real latency.
+SIMULATED_LATENCY_S = 0.0
+
+
+def simulated_wait(t0: float) -> None:
+    """Sleep until ``SIMULATED_LATENCY_S`` seconds after ``t0`` (``time.perf_counter``)."""
+    if SIMULATED_LATENCY_S > 0:
+        left = t0 + SIMULATED_LATENCY_S - time.perf_counter()
+        if left > 0:
+            time.sleep(left)
+
+
 def mean_(flats: Sequence[Tensor], process_group: dist.ProcessGroup | None = None) -> int:
     r"""Average contiguous buffers over the group in place: divide by the world size, then SUM.
 
@@ -110,10 +126,13 @@ def mean_(flats: Sequence[Tensor], process_group: dist.ProcessGroup | None = Non
     the same as torch's. Returns the payload bytes this rank sent.
     """
     ws = dist.get_world_size(process_group)
+    t0 = time.perf_counter()
     for flat in flats:
         flat /= ws
     for flat in flats:
         dist.all_reduce(flat, group=process_group)
+    if flats:
+        simulated_wait(t0)
     return sum(f.numel() * f.element_size() for f in flats)
 
 
@@ -206,6 +225,17 @@ class FlatParams:
         if not self._valid():
             self._pack()
         return self._flats
+
+    def views_of(self, others: Sequence[Tensor]) -> list[Tensor]:
+        """Per-parameter views of tensors shaped like :meth:`buffers` (one per buffer), with
+        each parameter's shape, strides and offset: e.g. a flat mean as per-parameter grads."""
+        flats = self.buffers()
+        index = {id(f): i for i, f in enumerate(flats)}
+        out = []
+        for p, flat, offset, stride in self._layout:
+            o = others[index[id(flat)]]
+            out.append(o.as_strided(p.shape, stride, o.storage_offset() + offset))
+        return out
 
 
 def broadcast(
