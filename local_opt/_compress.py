@@ -97,7 +97,9 @@ def encode_chunks(x: Tensor, fmt: str) -> tuple[Tensor, Tensor]:
     padded[:, :c] = x
     blocks = padded.view(k, nb, INT8_BLOCK)
     scale = blocks.abs().amax(dim=2) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    # an all-zero block gets scale 1; a NaN or Inf keeps its scale, so the receivers decode a
+    # non-finite block and the round's finiteness check sees the divergence (never a silent 0)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     q = torch.round(blocks / scale.unsqueeze(2)).clamp_(-127, 127)
     decoded = (q * scale.unsqueeze(2)).view(k, nb * INT8_BLOCK)[:, :c]
     q8 = q.to(torch.int8).view(k, nb * INT8_BLOCK)[:, :c]

@@ -582,14 +582,14 @@ class LocalOptimizer(Optimizer):
         if not self.overlap:
             assert means is not None
             mean = [m.wait() for m in means]
-            if not self._check_finite(mean + extra_flats, backup):
+            if not self._check_finite(mean + extra_flats, backup, flats):
                 return False
             self._apply(anchor, mean)
             torch._foreach_copy_(flats, anchor)
         else:
             prev, self._pending = self._pending, means
             mean = [] if prev is None else [m.wait() for m in prev]
-            self._check_finite(mean + extra_flats, None)  # raises (no "skip" with overlap)
+            self._check_finite(mean + extra_flats, None, flats)  # raises (no "skip" with overlap)
             if prev is not None:
                 self._apply(anchor, mean)
             for f, a, d in zip(flats, anchor, delta):
@@ -597,7 +597,7 @@ class LocalOptimizer(Optimizer):
             if flush and self._pending is not None:
                 mean = [m.wait() for m in self._pending]
                 self._pending = None
-                self._check_finite(mean, None)
+                self._check_finite(mean, None, flats)
                 self._apply(anchor, mean)
                 torch._foreach_copy_(flats, anchor)
             torch._foreach_copy_(self._sent, flats)
@@ -616,15 +616,24 @@ class LocalOptimizer(Optimizer):
         self._residual[i] = u.sub_(m.sent)
         return m.start(async_op=self.overlap)
 
-    def _check_finite(self, flats: list[Tensor], backup: list[Tensor] | None) -> bool:
+    def _check_finite(
+        self, flats: list[Tensor], backup: list[Tensor] | None, local: list[Tensor]
+    ) -> bool:
+        """True when the means ``flats`` are finite; otherwise raise or skip, naming the ranks
+        whose ``local`` values (their models before the round) were not (every rank gets here
+        together, since the means are the same everywhere)."""
         if _comm.all_finite(flats):
             return True
+        bad = _comm.nonfinite_ranks(_comm.all_finite(local), self.process_group, local[0].device)
         msg = (
             f"non-finite values in the model average at step {self._steps} "
-            f"(round {self._num_syncs + 1}): a worker diverged"
+            f"(round {self._num_syncs + 1}): worker(s) with rank {bad} in the process group "
+            "diverged (NaN or Inf in their parameters)"
         )
         if self.on_nonfinite == "raise" or backup is None:
-            raise FloatingPointError(msg)
+            raise FloatingPointError(
+                msg + "; lower the learning rate, clip gradients, or pass on_nonfinite='skip'"
+            )
         torch._foreach_copy_(self._residual + self._shard_residual, backup)
         warnings.warn(msg + "; the round is skipped", RuntimeWarning, stacklevel=5)
         return False

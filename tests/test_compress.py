@@ -118,6 +118,19 @@ class Reference:
 
 
 # --------------------------------------------------------------------------- pure functions
+@pytest.mark.parametrize("fmt", ["int8", "bf16"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_value_decodes_non_finite(fmt, bad):
+    """A diverged rank's NaN/Inf must reach the receivers as non-finite (the round's finiteness
+    check then names the rank), never as a silently finite block."""
+    x = torch.randn(2, 300, generator=torch.Generator().manual_seed(0))
+    x[1, 5] = bad
+    payload, dec = _compress.encode_chunks(x, fmt)
+    out = _compress.decode_chunks(payload, 300, fmt)
+    assert not torch.isfinite(out[1]).all() and not torch.isfinite(dec[1]).all()
+    assert torch.isfinite(out[0]).all()  # the other rows are untouched
+
+
 def test_formats_roundtrip_and_sizes():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 700, generator=g) * torch.exp(torch.randn(3, 700, generator=g))

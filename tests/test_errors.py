@@ -113,9 +113,10 @@ def test_one_worker_with_train_mode_batchnorm_warns_once_with_the_remedies():
         VarianceTest(m.eval(), F.cross_entropy).suggest(x, y, 16)
 
 
-def _diverge(rank: int, world: int, mode: str) -> dict:
+def _diverge(rank: int, world: int, mode: str, compression: str | None = None) -> dict:
     m = model()
-    opt = LocalOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), sync_every=1, on_nonfinite=mode)
+    opt = LocalOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), sync_every=1, on_nonfinite=mode,
+                         compression=compression)
     x, y = data()
     opt.zero_grad()
     F.cross_entropy(m(x), y).backward()
@@ -132,8 +133,9 @@ def _diverge(rank: int, world: int, mode: str) -> dict:
 
 
 @pytest.mark.timeout(120)
-def test_a_diverged_round_names_the_rank():
-    for r in run_distributed(_diverge, 2, "raise"):
+@pytest.mark.parametrize("compression", [None, "int8"])
+def test_a_diverged_round_names_the_rank(compression):
+    for r in run_distributed(_diverge, 2, "raise", compression):
         assert r["error"] is not None
         assert "worker(s) with rank [1] in the process group diverged" in r["error"]
         assert "on_nonfinite='skip'" in r["error"]
