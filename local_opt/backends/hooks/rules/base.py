@@ -68,10 +68,18 @@ class Memory:
 
     ``free`` is the byte budget left for tensors stored only for the inner products;
     :meth:`take` carves per-sample gradients (granted beforehand) out of reused workspaces.
+    ``inner_products`` is False when the inner products will not be asked for (the norm test):
+    a rule may then choose its cheapest way to the sums and norms alone.
     """
 
-    def __init__(self, free: int, workspaces: dict[tuple[torch.dtype, torch.device], Tensor]):
+    def __init__(
+        self,
+        free: int,
+        workspaces: dict[tuple[torch.dtype, torch.device], Tensor],
+        inner_products: bool = True,
+    ):
         self.free = free
+        self.inner_products = inner_products  # False: nothing is kept for the inner products
         self._workspaces = workspaces
         self._offsets: dict[tuple[torch.dtype, torch.device], int] = {}
 
