@@ -39,15 +39,31 @@ class BatchNormRule(DiagonalRule):
     batch statistics, and ``δ`` includes the coupling through them: the per-sample gradients are
     then the per-sample *contributions* whose mean is the batch gradient."""
 
+    def _batch_stats(self, module: nn.Module) -> bool:
+        return module.training or (module.running_mean is None and module.running_var is None)
+
     def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
-        batch_stats = module.training or (
-            module.running_mean is None and module.running_var is None
-        )
-        if batch_stats:
+        if self._batch_stats(module):
             return F.batch_norm(x, None, None, None, None, True, 0.0, module.eps)
         return F.batch_norm(
             x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps
         )
+
+    def weight_grads(self, module: nn.Module, x: Tensor, delta: Tensor, shape: torch.Size) -> Tensor:
+        r"""Without forming :math:`\hat x`: :math:`\sum_t \delta_t \hat x_t = r\,(\sum_t
+        \delta_t x_t - \mu \sum_t \delta_t)` per sample and channel (mean :math:`\mu`, inverse
+        standard deviation :math:`r`), the sums in float64."""
+        if x.dim() < 2 or x.shape[1] != shape.numel():
+            return super().weight_grads(module, x, delta, shape)
+        dims = tuple(range(2, x.dim()))
+        sdx = (delta * x).sum(dims, dtype=torch.float64) if dims else (delta * x).double()
+        sd = delta.sum(dims, dtype=torch.float64) if dims else delta.double()
+        if self._batch_stats(module):
+            var, mean = torch.var_mean(x, dim=(0, *dims), correction=0)
+        else:
+            var, mean = module.running_var, module.running_mean
+        rstd = torch.rsqrt(var.double() + module.eps)
+        return ((sdx - mean.double() * sd) * rstd).to(delta.dtype).reshape(x.shape[0], *shape)
 
 
 class _WithAct:
