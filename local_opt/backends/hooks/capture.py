@@ -255,7 +255,12 @@ def _capture(model: nn.Module, sites: list[Site]):
     """Forward hooks saving each covered module's input and the gradient edge of its output."""
 
     def make_on_call(site: Site) -> Callable[[Tensor, Tensor], None]:
-        return lambda x, y: site.calls.append(Call(x, x._version, get_gradient_edge(y)))
+        def on_call(x: Tensor, y: Tensor) -> None:
+            call = Call(x, x._version, get_gradient_edge(y))
+            site.rule.on_output(call, y)
+            site.calls.append(call)
+
+        return on_call
 
     handles = [h for s in sites for h in _register_site(s, make_on_call(s))]
     try:
@@ -417,6 +422,7 @@ class StatsCapture:
             if self._validating:
                 return
             call = Call(x, x._version, None)
+            site.rule.on_output(call, y)
             site.calls.append(call)
             self._pending[id(site)] = self._pending.get(id(site), 0) + 1
             y.register_hook(lambda g: self._on_delta(site, call, g))

@@ -119,6 +119,11 @@ class Rule:
         after more computation (None: the module's output)."""
         return None
 
+    def on_output(self, call: Call, y: Tensor) -> None:
+        """Called once per captured call with the output ``y`` the rule differentiates, in the
+        forward: a rule may note what the forward computed anyway (e.g. BatchNorm's batch
+        statistics in ``y.grad_fn``) as attributes of ``call``. Nothing by default."""
+
     def keep_request(self, site: Site, n: int) -> tuple[float, int] | None:
         """``(saving, bytes)`` if keeping per-sample gradients is this site's cheapest option."""
         return None

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from local_opt.backends.hooks.rules.base import register, register_named
+from local_opt.backends.hooks.rules.base import Call, register, register_named
 from local_opt.backends.hooks.rules.diagonal import DiagonalRule
 
 __all__: list[str] = []  # private module
@@ -49,21 +49,37 @@ class BatchNormRule(DiagonalRule):
             x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps
         )
 
-    def weight_grads(self, module: nn.Module, x: Tensor, delta: Tensor, shape: torch.Size) -> Tensor:
+    def on_output(self, call: Call, y: Tensor) -> None:
+        node = y.grad_fn  # the batch statistics the forward computed (CPU and CUDA kernels)
+        if type(node).__name__ == "NativeBatchNormBackward0" and node._saved_training:
+            mean, invstd = node._saved_result1, node._saved_result2
+            if mean.dim() == 1 and invstd.dim() == 1:
+                call.bn_stats = (mean, invstd)  # type: ignore[attr-defined]
+
+    def weight_grads(
+        self, module: nn.Module, x: Tensor, delta: Tensor, shape: torch.Size, call: Call | None = None
+    ) -> Tensor:
         r"""Without forming :math:`\hat x`: :math:`\sum_t \delta_t \hat x_t = r\,(\sum_t
         \delta_t x_t - \mu \sum_t \delta_t)` per sample and channel (mean :math:`\mu`, inverse
-        standard deviation :math:`r`), the sums in float64."""
-        if x.dim() < 2 or x.shape[1] != shape.numel():
-            return super().weight_grads(module, x, delta, shape)
-        dims = tuple(range(2, x.dim()))
-        sdx = (delta * x).sum(dims, dtype=torch.float64) if dims else (delta * x).double()
-        sd = delta.sum(dims, dtype=torch.float64) if dims else delta.double()
-        if self._batch_stats(module):
-            var, mean = torch.var_mean(x, dim=(0, *dims), correction=0)
+        standard deviation :math:`r`: the running ones in eval mode, else those the forward
+        computed, read from its autograd node, or recomputed), combined in float64."""
+        n = x.shape[0]
+        c = shape.numel()
+        if x.dim() < 2 or x.shape[1] != c or not (x.is_contiguous() and delta.is_contiguous()):
+            return super().weight_grads(module, x, delta, shape, call)
+        xv, dv = x.view(n * c, -1, 1), delta.view(n * c, 1, -1)
+        sdx = torch.bmm(dv, xv).view(n, c).double()
+        sd = dv.sum(2).view(n, c).double()
+        stats = getattr(call, "bn_stats", None)
+        if not self._batch_stats(module):
+            mean = module.running_mean.double()
+            rstd = torch.rsqrt(module.running_var.double() + module.eps)
+        elif stats is not None and stats[0].shape == (c,):
+            mean, rstd = stats[0].double(), stats[1].double()
         else:
-            var, mean = module.running_var, module.running_mean
-        rstd = torch.rsqrt(var.double() + module.eps)
-        return ((sdx - mean.double() * sd) * rstd).to(delta.dtype).reshape(x.shape[0], *shape)
+            var, mean = torch.var_mean(x, dim=(0, *range(2, x.dim())), correction=0)
+            mean, rstd = mean.double(), torch.rsqrt(var.double() + module.eps)
+        return ((sdx - mean * sd) * rstd).to(delta.dtype).reshape(n, *shape)
 
 
 class _WithAct:
