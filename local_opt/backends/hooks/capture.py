@@ -425,7 +425,10 @@ class StatsCapture:
             site.rule.on_output(call, y)
             site.calls.append(call)
             self._pending[id(site)] = self._pending.get(id(site), 0) + 1
-            y.register_hook(lambda g: self._on_delta(site, call, g))
+            # the hook stays on y's autograd node until the graph is freed: it must not keep
+            # the call (input and δ) alive after it fired
+            box = [call]
+            y.register_hook(lambda g: self._on_delta(site, box.pop(), g) if box else None)
 
         return on_call
 

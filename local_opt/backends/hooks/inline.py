@@ -108,6 +108,8 @@ class _Affine(torch.autograd.Function):
         got = None
         if ctx.tap is not None and ctx.call is not None:
             got = ctx.tap.arrive(ctx.site, ctx.call, x, d)
+        # the node outlives its backward until the graph is freed: drop the input and δ now
+        ctx.call = ctx.tap = ctx.site = None
         if got is None:
             gw, gb = _param_grads(module, x, w, d, ctx.has_bias) if (need_w or need_b) else (
                 None, None
