@@ -298,3 +298,33 @@ def test_rule_error_does_not_break_the_step(monkeypatch):
     assert rel(flat(p.grad for p in model.parameters()), base) <= 1e-13
     with pytest.raises(Exception, match="boom"):
         cap.grad_stats()
+
+
+def _worker_estimate(rank: int, world: int) -> dict:
+    model, x, y = _bncnn()
+    model.train()
+    x = x + rank  # different batches per rank, same model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = dict(test="norm", min_dof=0, max_batch_size=10**6)
+    ref = VarianceTest(model, F.cross_entropy, **kw)
+    ref.suggest(x, y, 3)
+    model.load_state_dict(state)
+    vt = VarianceTest(model, F.cross_entropy, **kw)
+    with vt.capture() as cap:
+        F.cross_entropy(model(x), y).backward()
+    vt.suggest_from_capture(cap, 3)
+    return {"ref": ref.last_stats, "got": vt.last_stats}
+
+
+@pytest.mark.timeout(240)
+def test_batchnorm_train_worker_estimate_over_two_ranks():
+    """``batch_statistics="worker"``: the in-step path uses each rank's batch gradient as its
+    unit, exactly as ``suggest`` does."""
+    from dist_utils import run_distributed
+
+    for res in run_distributed(_worker_estimate, 2, timeout=200):
+        ref, got = res["ref"], res["got"]
+        assert ref["backend"] == got["backend"] == "worker"
+        assert got["count"] == 2
+        for key in ("mean_sq_norm", "sq_norm_sum", "norm_variance"):
+            assert got[key] == pytest.approx(ref[key], rel=1e-10), key
