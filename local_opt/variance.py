@@ -2,6 +2,7 @@ r"""VarianceTest: the paper's adaptive batch-size tests, pooled exactly across w
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -543,8 +544,9 @@ class VarianceTest:
                     "VarianceTest: the model's BatchNorm uses batch statistics (training mode) "
                     "and there is one worker, so the variance of the batch gradient cannot come "
                     "from the workers' batch gradients (batch_statistics='worker'); using the "
-                    f"{self.backend!r} backend's per-sample contributions instead, which "
-                    "overstated that variance 2.4-12x on digits (the batch grows too fast). To "
+                    f"{self.backend!r} backend's per-sample definition instead (the hooks "
+                    "backend's per-sample contributions overstated that variance 2.4-12x on "
+                    "digits, so the batch grows too fast). To "
                     "avoid it: run >= 2 workers; or use backend='microbatch' (micro-batch "
                     "gradients, BatchNorm as in training), or record_micro_batches / accumulate "
                     "with gradient accumulation; or pass batch_statistics='backend' to accept "
@@ -769,12 +771,47 @@ class VarianceTest:
             batch_size, self._decide(None, batch_size, "microbatch_recorded", pooled=pooled)
         )
 
+    def capture(
+        self, active: bool = True, *, grad_scale: float = 1.0
+    ) -> contextlib.AbstractContextManager[StatsCapture | None]:
+        r"""Take this test's statistics from the training step itself: no extra pass.
+
+        A :class:`~local_opt.StatsCapture` of :attr:`model` that keeps what this test needs
+        (the norm test: only the per-sample squared norms, computed layer by layer inside the
+        backward), or, when ``active`` is False, a context that does nothing and yields None.
+        Run the step's forward *and* backward inside the block, then hand the capture to
+        :meth:`suggest_from_capture` after ``opt.step()``.
+
+        Args:
+            active (bool): whether to capture, e.g. ``opt.will_sync`` (default: True).
+            grad_scale (float): the factor the mean batch loss is multiplied by before
+                ``backward()`` (default: 1.0), as in :class:`~local_opt.StatsCapture`.
+
+        Example::
+
+            >>> with vt.capture(active=opt.will_sync) as cap:
+            ...     F.cross_entropy(model(x), y).backward()
+            >>> opt.step()
+            >>> if opt.synced:
+            ...     sampler.set_batch_size(vt.suggest_from_capture(cap, sampler.batch_size))
+        """
+        if not active:
+            return contextlib.nullcontext()
+        return StatsCapture(
+            backends.stack.unwrap(self.model),
+            grad_scale=grad_scale,
+            inner_products=self.test != "norm",
+        )
+
     def suggest_from_capture(self, capture: StatsCapture, batch_size: int) -> int:
         """Like :meth:`suggest`, from the exact statistics a :class:`~local_opt.StatsCapture`
         took from the training step's own forward and backward (no extra pass).
 
         A collective call, like :meth:`suggest`. As with :meth:`suggest_from_recorded`, the
-        statistics are those of each rank's parameters before the round's averaging.
+        statistics are those of each rank's parameters before the round's averaging. With
+        ``batch_statistics="worker"``, at least two workers and a BatchNorm using batch
+        statistics, the units are the workers' batch gradients (as in :meth:`suggest`), here
+        the captured step's.
 
         Args:
             capture (StatsCapture): after its ``with`` block and the ``backward()`` inside it.
@@ -785,10 +822,21 @@ class VarianceTest:
             raise TypeError(
                 f"Invalid capture: expected a StatsCapture, got {type(capture).__name__}"
             )
+        if self.test != "norm" and not capture.inner_products:
+            raise ValueError(
+                f"Invalid capture: it kept no inner products, which test={self.test!r} needs "
+                "(make it with this VarianceTest's capture())"
+            )
         stats = capture.grad_stats()  # validates; cheap
         skipped = self._skip(batch_size)
         if skipped is not None:
             return self._track(batch_size, skipped)
+        name, micro_batches = self._estimator()
+        if micro_batches == 1:  # per worker: this rank's batch gradient is the one unit
+            n = stats.count
+            mean = [g * (stats.sum_scale / n) for g in stats.grad_sum]
+            stats = stats_from_micro_batch_grads([mean], n)
+            return self._track(batch_size, self._decide(stats, batch_size, "worker"))
         return self._track(batch_size, self._decide(stats, batch_size, "hooks_capture"))
 
     def _track(self, batch_size: int, out: int) -> int:

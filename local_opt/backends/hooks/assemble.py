@@ -127,20 +127,42 @@ def assemble(
     bare_grads = [next(it) for _ in expanded]
 
     sq = torch.zeros(n, dtype=torch.float64, device=params[0].device if params else None)
-    where: dict[int, tuple[int, str]] = {}  # id(param) -> (site index or -1 - bare index, name)
-    sums: dict[int, Tensor] = {}
-    layers = []
     free = grant_keep(sites, n, keep_bytes, mode)
     workspaces = _acquire(sites, n)
-    memory = Memory(free, workspaces)
-    for j, s in enumerate(sites):
+    memory = Memory(free, workspaces, inner_products)
+    finished = []
+    for s in sites:
         st = _finish(s, n, memory)
-        layers.append(st)
+        finished.append((s, st))
         sq += st.sq_norms.to(sq.device)
+        s.calls = []
+    return reduce_layers(
+        params, finished, bare, bare_grads, n, sq, inner_products, scale, workspaces
+    )
+
+
+def reduce_layers(
+    params: list[nn.Parameter],
+    finished: list[tuple[Site, LayerStats]],
+    bare: list[tuple[str, nn.Parameter]],
+    bare_grads: Sequence[Tensor | None],
+    n: int,
+    sq: Tensor,
+    inner_products: bool,
+    scale: float,
+    workspaces: dict[tuple[torch.dtype, torch.device], Tensor] | None = None,
+) -> GradStats:
+    """:class:`GradStats` from the finished layers (``sq`` already holds the sum of their
+    per-sample squared norms), the per-sample gradients of the bare parameters, and ``scale``
+    (see :func:`assemble`)."""
+    where: dict[int, tuple[int, str]] = {}  # id(param) -> (layer index or -1 - bare index, name)
+    sums: dict[int, Tensor] = {}
+    layers = []
+    for j, (s, st) in enumerate(finished):
+        layers.append(st)
         for k, p in s.params.items():
             where[id(p)] = (j, k)
             sums[id(p)] = st.grad_sum[k]
-        s.calls = []
     if not inner_products:  # drop what the inner products would have needed
         layers = []
     per_bare: list[Tensor] = []

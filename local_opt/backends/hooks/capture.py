@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
 from local_opt._stats import GradStats
-from local_opt.backends.hooks.assemble import assemble
+from local_opt.backends.hooks.assemble import _OOM, _finish, assemble, reduce_layers
 from local_opt.backends.hooks.check import (
     UNCOVERED,
     GradFingerprints,
@@ -27,6 +27,7 @@ from local_opt.backends.hooks.check import (
     unaccounted,
     warn_unaccounted,
 )
+from local_opt.backends.hooks.inline import eligible, install
 from local_opt.backends.hooks.plan import (
     _VALIDATED,
     expand_bare,
@@ -34,7 +35,7 @@ from local_opt.backends.hooks.plan import (
     plan_model,
     validate_bare,
 )
-from local_opt.backends.hooks.rules import Call, Site, input_of
+from local_opt.backends.hooks.rules import Call, LayerStats, Memory, Site, input_of
 from local_opt.backends.hooks.rules.bare import find_off_batch
 from local_opt.backends.stack import in_backward, plain_checkpoints
 from local_opt.backends.vmap import vmap_stats
@@ -254,7 +255,12 @@ def _capture(model: nn.Module, sites: list[Site]):
     """Forward hooks saving each covered module's input and the gradient edge of its output."""
 
     def make_on_call(site: Site) -> Callable[[Tensor, Tensor], None]:
-        return lambda x, y: site.calls.append(Call(x, x._version, get_gradient_edge(y)))
+        def on_call(x: Tensor, y: Tensor) -> None:
+            call = Call(x, x._version, get_gradient_edge(y))
+            site.rule.on_output(call, y)
+            site.calls.append(call)
+
+        return on_call
 
     handles = [h for s in sites for h in _register_site(s, make_on_call(s))]
     try:
@@ -268,19 +274,26 @@ class StatsCapture:
     r"""Per-sample gradient statistics from the training step's own forward and backward.
 
     The exact statistics of the ``"hooks"`` backend (per-sample squared norms
-    :math:`\lVert g_i\rVert^2` and, later, inner products :math:`\langle g_i, \bar g\rangle`;
+    :math:`\lVert g_i\rVert^2` and, optionally, inner products :math:`\langle g_i, \bar g\rangle`;
     `Lau et al., 2024 <https://arxiv.org/abs/2406.13936>`_) without the separate pass of
     :func:`hooks_grad_stats`: the hooks ride on the training step that precedes a
-    synchronization, so the extra cost is only the per-layer norms, sums and inner products.
-    The model's ``.grad`` is accumulated by ``backward()`` as usual; BatchNorm running statistics
-    are updated by the forward as usual. Hand the result to
-    :meth:`local_opt.VarianceTest.suggest_from_capture`, which pools it over the ranks and
-    applies the test.
+    synchronization. Each layer's share is computed in the backward as soon as its output
+    gradient arrives, and the output gradient is freed right after (ghost norms or per-sample
+    gradients, whichever the cost model of :mod:`~local_opt.backends.hooks.rules.affine`
+    finds cheaper for the layer, Bu et al., 2023). For ``nn.Linear`` / ``nn.Conv1d`` /
+    ``nn.Conv2d`` the rule's :math:`\sum_i G_i` *is* the weight gradient autograd receives, so
+    it is not computed twice (:mod:`~local_opt.backends.hooks.inline`). The model's ``.grad`` is
+    accumulated by ``backward()`` as usual (equal to a plain step's up to float rounding);
+    BatchNorm running statistics are updated by the forward as usual. Hand the capture to
+    :meth:`local_opt.VarianceTest.suggest_from_capture` (or use
+    :meth:`local_opt.VarianceTest.capture`), which pools it over the ranks and applies the test.
 
     Never silently wrong: a hook on each covered parameter reads two numbers of the gradient the
     backward computes, and :meth:`grad_stats` raises
     :class:`~local_opt.backends.hooks.check.UnaccountedGradient` naming the parameters whose
-    gradient the layer hooks did not fully see (see :mod:`local_opt.backends.hooks.check`).
+    gradient the layer hooks did not fully see (see :mod:`local_opt.backends.hooks.check`). An
+    error of a rule inside the backward never breaks the training step: it is raised by
+    :meth:`grad_stats`.
 
     Args:
         model (nn.Module): the module whose forward the step calls, or the inner module of a
@@ -290,6 +303,10 @@ class StatsCapture:
             scaler's scale) (default: 1.0).
         keep_bytes (int): as in :func:`hooks_grad_stats` (default: 1 GiB).
         mode (str): as in :func:`hooks_grad_stats` (default: ``"auto"``).
+        inner_products (bool): whether ``grad_stats().inner_sq_sum`` will be called (the
+            inner-product and augmented tests); without it nothing is kept after each layer's
+            share of the backward, and it returns NaN (the norm test needs no inner products)
+            (default: ``True``).
 
     .. warning::
         Exactly one forward and one backward of ``model`` may run inside the ``with`` block,
@@ -300,7 +317,7 @@ class StatsCapture:
 
     Example::
 
-        >>> with StatsCapture(model) as cap:
+        >>> with StatsCapture(model, inner_products=False) as cap:
         ...     loss = F.cross_entropy(model(x), y)
         ...     loss.backward()
         >>> opt.step()
@@ -315,6 +332,7 @@ class StatsCapture:
         grad_scale: float = 1.0,
         keep_bytes: int = DEFAULT_KEEP_BYTES,
         mode: str = "auto",
+        inner_products: bool = True,
     ) -> None:
         if not grad_scale > 0:
             raise ValueError(f"Invalid grad_scale: {grad_scale}")
@@ -326,7 +344,9 @@ class StatsCapture:
         self.grad_scale = float(grad_scale)
         self.keep_bytes = keep_bytes
         self.mode = mode
+        self.inner_products = bool(inner_products)
         self._handles: list[Any] = []
+        self._undo: list[Callable[[], None]] = []
         self._sites: list[Site] = []
         self._bare: list[tuple[str, nn.Parameter]] = []
         self._forwards = 0
@@ -336,6 +356,16 @@ class StatsCapture:
         self._validating = False
         self._checked: list[nn.Parameter] = []
         self._fingerprints: GradFingerprints | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pending: dict[int, int] = {}  # id(site) -> calls whose δ has not arrived
+        self._finished: dict[int, LayerStats] = {}  # id(site) -> its share of the statistics
+        self._sq: Tensor | None = None  # Σ over finished layers of the per-sample ‖g_i‖²
+        self._free = self.keep_bytes if self.inner_products else 0
+        self._errors: list[BaseException] = []
+        self._arrived = 0
+        self._low = False
 
     def __enter__(self) -> StatsCapture:
         sites, bare, missing = plan_model(self.model)
@@ -345,14 +375,22 @@ class StatsCapture:
                 "micro-batch backend"
             )
         self._sites, self._bare, self._forwards, self._bare_grads = sites, bare, 0, {}
+        self._reset()
         self._checked = [p for s in sites for p in s.params.values()]
         self._fingerprints = GradFingerprints(self._checked)
-        for s in sites:
-            self._handles.extend(_register_site(s, self._on_call(s)))
-        self._handles.append(
-            self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
-        )
-        self._handles.append(self.model.register_forward_hook(self._post_forward))
+        try:
+            for s in sites:
+                if eligible(s):
+                    self._undo.append(install(s, self, self._on_call(s), self._active))
+                else:
+                    self._handles.extend(_register_site(s, self._on_call(s)))
+            self._handles.append(
+                self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+            )
+            self._handles.append(self.model.register_forward_hook(self._post_forward))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -361,17 +399,101 @@ class StatsCapture:
             self._fingerprints.remove()
         for h in self._handles:
             h.remove()
-        self._handles = []
+        for undo in self._undo:
+            undo()
+        self._handles, self._undo = [], []
+
+    def _active(self) -> bool:
+        return not self._validating
+
+    # -- the forward: one record per call of a covered module --------------------------------
+
+    def open_call(self, site: Site, x: Tensor) -> Call | None:
+        """A new call of ``site`` whose input and ``δ`` the backward hands over (:mod:`.inline`)."""
+        if self._validating:
+            return None
+        call = Call(None, 0, None)  # type: ignore[arg-type]  # the input comes with δ
+        site.calls.append(call)
+        self._pending[id(site)] = self._pending.get(id(site), 0) + 1
+        return call
 
     def _on_call(self, site: Site) -> Callable[[Tensor, Tensor], None]:
         def on_call(x: Tensor, y: Tensor) -> None:
             if self._validating:
                 return
             call = Call(x, x._version, None)
+            site.rule.on_output(call, y)
             site.calls.append(call)
-            y.register_hook(lambda g: setattr(call, "delta", g))
+            self._pending[id(site)] = self._pending.get(id(site), 0) + 1
+            # the hook stays on y's autograd node until the graph is freed: it must not keep
+            # the call (input and δ) alive after it fired
+            box = [call]
+            y.register_hook(lambda g: self._on_delta(site, box.pop(), g) if box else None)
 
         return on_call
+
+    # -- the backward: each layer's share as soon as its last δ arrives -----------------------
+
+    def _on_delta(self, site: Site, call: Call, g: Tensor) -> None:
+        if call.inputs._version != call.version:
+            self._errors.append(
+                RuntimeError(f"The input of {site.name} was modified in place after the layer used it")
+            )
+        call.delta = g
+        self._arrived += 1
+        left = self._pending[id(site)] = self._pending[id(site)] - 1
+        if left == 0:
+            self._finish_site(site)
+
+    def arrive(
+        self, site: Site, call: Call, x: Tensor, delta: Tensor
+    ) -> tuple[Tensor | None, Tensor | None] | None:
+        """One call's input and ``δ`` from :class:`~.inline._Affine`'s backward; the rule's weight
+        and bias gradient sums when the site has this one call, else None."""
+        call.inputs, call.delta = x.detach(), delta
+        self._arrived += 1
+        left = self._pending[id(site)] = self._pending[id(site)] - 1
+        if len(site.calls) != 1:  # called more than once: the norm needs every call's δ
+            if left == 0:
+                self._finish_site(site)
+            return None
+        st = self._finish_site(site)
+        if st is None:  # the rule failed (reported by grad_stats): autograd's way
+            return None
+        return st.grad_sum.get("weight"), st.grad_sum.get("bias")
+
+    def _finish_site(self, site: Site) -> LayerStats | None:
+        calls = site.calls
+        if not any(c.delta is not None for c in calls):
+            site.calls = []
+            return None
+        self._low = self._low or any(
+            t is not None and t.dtype in _LOW for c in calls for t in (c.inputs, c.delta)
+        )
+        site.mode = "" if self.mode == "auto" else self.mode
+        if self.mode == "auto" and self.inner_products:
+            req = site.rule.keep_request(site, self._n)
+            if req is not None and req[1] <= self._free:
+                site.mode = "keep"
+                self._free -= req[1]
+        try:
+            with torch.no_grad():
+                st = _finish(site, self._n, Memory(self._free, {}, self.inner_products))
+        except _OOM:
+            raise
+        except Exception as e:  # never break the training step: grad_stats raises it
+            self._errors.append(e)
+            site.calls = []
+            return None
+        site.calls = []
+        sq = st.sq_norms.detach()
+        self._sq = sq.clone() if self._sq is None else self._sq.add_(sq.to(self._sq.device))
+        if not self.inner_products:
+            st = LayerStats(st.grad_sum, sq, _no_inner)
+        self._finished[id(site)] = st
+        return st
+
+    # -- the model's forward ------------------------------------------------------------------
 
     def _pre_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._validating:
@@ -414,31 +536,51 @@ class StatsCapture:
 
         Raises :class:`~local_opt.backends.hooks.check.UnaccountedGradient` (a RuntimeError)
         naming the parameters when the contributions the hooks saw do not add up to the
-        gradient the backward computed (see :mod:`~local_opt.backends.hooks.check`)."""
+        gradient the backward computed (see :mod:`~local_opt.backends.hooks.check`), and any
+        error a rule met during the backward."""
         if self._forwards != 1:
             raise RuntimeError(f"StatsCapture saw {self._forwards} forward passes, expected 1")
-        calls = [c for s in self._sites for c in s.calls]
-        if calls and all(c.delta is None for c in calls):
+        opened = any(s.calls for s in self._sites) or self._finished
+        if opened and self._arrived == 0 and not self._bare_grads:
             raise RuntimeError("StatsCapture saw no backward pass; call loss.backward() first")
+        for s in self._sites:  # layers some of whose calls got no gradient
+            if s.calls:
+                self._finish_site(s)
+        if self._errors:
+            raise self._errors[0]
         n = self._n
-        grads = [c.delta for c in calls] + [self._bare_grads.get(q) for q, _ in self._bare]
         params = [p for p in self.model.parameters() if p.requires_grad]
-        expanded = {q: p for q, p in self._bare}
-        c = n / self.grad_scale  # the captured δ are grad_scale·∂L/∂out; the core wants N·∂L/∂out
-        low = any(
-            x is not None and x.dtype in _LOW for c_ in calls for x in (c_.inputs, c_.delta)
-        )
-        stats = assemble(
-            params, self._sites, self._bare, expanded, grads, n, self.keep_bytes, self.mode,
-            scale=c,
-        )
+        device = params[0].device if params else None
+        sq = torch.zeros(n, dtype=torch.float64, device=device)
+        if self._sq is not None:
+            sq += self._sq.to(sq.device)
+        finished = []
         for s in self._sites:
-            s.calls = []
+            st = self._finished.get(id(s))
+            if st is None:  # never called, or no gradient reached it: zero
+                zeros = {k: torch.zeros_like(p) for k, p in s.params.items()}
+                st = LayerStats(zeros, torch.zeros(n, dtype=torch.float64, device=device), _zero_inner(n, device))
+            finished.append((s, st))
+        bare_grads = [self._bare_grads.get(q) for q, _ in self._bare]
+        self._low = self._low or any(g is not None and g.dtype in _LOW for g in bare_grads)
+        c = n / self.grad_scale  # the captured δ are grad_scale·∂L/∂out; the core wants N·∂L/∂out
+        stats = reduce_layers(
+            params, finished, self._bare, bare_grads, n, sq, self.inner_products, c
+        )
+        self._finished = {}
         if self._fingerprints is not None:
             sums = dict(zip(map(id, params), stats.grad_sum))
             bad = self._fingerprints.unaccounted(
-                self.model, [sums[id(p)] for p in self._checked], low
+                self.model, [sums[id(p)] for p in self._checked], self._low
             )
             if bad:
                 raise UnaccountedGradient(bad)
         return stats
+
+
+def _no_inner(v: dict[str, Tensor]) -> Tensor:
+    raise RuntimeError("StatsCapture(inner_products=False) kept nothing for the inner products")
+
+
+def _zero_inner(n: int, device: Any) -> Callable[[dict[str, Tensor]], Tensor]:
+    return lambda v: torch.zeros(n, dtype=torch.float64, device=device)

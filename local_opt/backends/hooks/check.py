@@ -163,8 +163,8 @@ class GradFingerprints:
         def hook(g: Tensor) -> None:
             g = g.detach().to_dense() if g.is_sparse else g.detach()
             p = self.params[j].detach()
-            self.seen[j] = (
-                torch.linalg.vector_norm(g, dtype=torch.float64),
+            self.seen[j] = (  # in the gradient's dtype: the tolerance is far above its error
+                torch.linalg.vector_norm(g).double(),
                 torch.dot(g.reshape(-1), p.reshape(-1).to(g.dtype)).double(),
             )
 
@@ -190,11 +190,11 @@ class GradFingerprints:
             rows.append(
                 torch.stack(
                     [
-                        torch.linalg.vector_norm(s, dtype=torch.float64),
+                        torch.linalg.vector_norm(s).double(),
                         torch.dot(s.reshape(-1), pd.reshape(-1).to(s.dtype)).double(),
                         gn.to(s.device),
                         gd.to(s.device),
-                        torch.linalg.vector_norm(pd, dtype=torch.float64),
+                        torch.linalg.vector_norm(pd).double(),
                     ]
                 ).to(dev)
             )

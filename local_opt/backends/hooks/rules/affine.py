@@ -105,14 +105,15 @@ class AffineRule(Rule):
         """Per-sample costs a subclass adds to (or replaces in) the generic model."""
         return {}
 
-    def costs(self, site: Site) -> dict[str, float] | None:
+    def costs(self, site: Site, inner: bool = True) -> dict[str, float] | None:
         r"""Estimated per-sample cost of each mode for the weight (``None`` without one).
 
         With ``T`` positions, ``P`` weight elements in ``g`` groups of ``M x K``: per-sample
         gradients cost :math:`c_b TP` (a batched matmul), the weight gradient and the inner
         products' forward :math:`TP` each, Gram matrices :math:`c_g T^2 g (K + M)`, and a pass
         over a materialized per-sample gradient :math:`c_m P` (``"keep"`` makes four: write,
-        norm, sum, inner product; ``"stream"`` three).
+        norm, sum, inner product; ``"stream"`` three). Without ``inner`` (no inner products
+        will be asked for) neither mode pays for them and ``"keep"`` is pointless.
         """
         w = site.params.get("weight")
         calls = [c for c in site.calls if c.delta is not None]
@@ -126,10 +127,11 @@ class AffineRule(Rule):
         if t <= 1:  # outer products: the norm is a product of two norms
             return {"ghost": 2.0 * p, "stream": 2.0 * p + _BMM_COST * p, "keep": float("inf")}
         per_sample = _BMM_COST * t * p
+        forward = t * p if inner else 0.0  # the inner products' forward with weight V
         costs = {
-            "ghost": 2.0 * t * p + _GRAM_COST * t * t * g * (k + m),
-            "stream": per_sample + t * p + 3.0 * _MEMORY_COST * p,
-            "keep": per_sample + 4.0 * _MEMORY_COST * p,
+            "ghost": t * p + forward + _GRAM_COST * t * t * g * (k + m),
+            "stream": per_sample + forward + (3.0 if inner else 2.0) * _MEMORY_COST * p,
+            "keep": per_sample + 4.0 * _MEMORY_COST * p if inner else float("inf"),
         }
         extra = self.extra_costs(t, p, g, k)
         if "per_sample" in extra:
@@ -175,7 +177,7 @@ class AffineRule(Rule):
                 pairs = [(c.inputs.to(w.dtype), c.delta.to(w.dtype)) for c in calls]
                 mode = site.mode
                 if mode not in ("keep", "stream", "ghost"):
-                    costs = self.costs(site) or {}
+                    costs = self.costs(site, memory.inner_products) or {}
                     mode = "stream" if costs.get("stream", 1) < costs.get("ghost", 0) else "ghost"
                 site.mode = mode
                 if mode == "ghost":
@@ -205,7 +207,7 @@ class AffineRule(Rule):
                 grad_sum["weight"] = total.view(w.shape)
 
         # Keep the saved inputs and output gradients only when the inner products need them.
-        needed = calls if kept is None else []
+        needed = calls if kept is None and memory.inner_products else []
 
         def inner(v: dict[str, Tensor]) -> Tensor:
             res = torch.zeros(n, dtype=torch.float64, device=sq.device)

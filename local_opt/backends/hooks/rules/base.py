@@ -68,10 +68,18 @@ class Memory:
 
     ``free`` is the byte budget left for tensors stored only for the inner products;
     :meth:`take` carves per-sample gradients (granted beforehand) out of reused workspaces.
+    ``inner_products`` is False when the inner products will not be asked for (the norm test):
+    a rule may then choose its cheapest way to the sums and norms alone.
     """
 
-    def __init__(self, free: int, workspaces: dict[tuple[torch.dtype, torch.device], Tensor]):
+    def __init__(
+        self,
+        free: int,
+        workspaces: dict[tuple[torch.dtype, torch.device], Tensor],
+        inner_products: bool = True,
+    ):
         self.free = free
+        self.inner_products = inner_products  # False: nothing is kept for the inner products
         self._workspaces = workspaces
         self._offsets: dict[tuple[torch.dtype, torch.device], int] = {}
 
@@ -110,6 +118,11 @@ class Rule:
         """The submodule whose input is this rule's output, when the module's own output comes
         after more computation (None: the module's output)."""
         return None
+
+    def on_output(self, call: Call, y: Tensor) -> None:
+        """Called once per captured call with the output ``y`` the rule differentiates, in the
+        forward: a rule may note what the forward computed anyway (e.g. BatchNorm's batch
+        statistics in ``y.grad_fn``) as attributes of ``call``. Nothing by default."""
 
     def keep_request(self, site: Site, n: int) -> tuple[float, int] | None:
         """``(saving, bytes)`` if keeping per-sample gradients is this site's cheapest option."""

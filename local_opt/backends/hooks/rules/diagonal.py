@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from local_opt.backends.hooks.rules.base import (
+    Call,
     LayerStats,
     Memory,
     Rule,
@@ -35,6 +36,12 @@ class DiagonalRule(Rule):
         # Default: parameters along dim 1 (channels first).
         return t.reshape(t.shape[0], t.shape[1], -1).sum(2).reshape(t.shape[0], *shape)
 
+    def weight_grads(
+        self, module: nn.Module, x: Tensor, delta: Tensor, shape: torch.Size, call: Call | None = None
+    ) -> Tensor:
+        """Per-sample weight gradients ``Σ_pos δ ⊙ h(x)`` of one call: ``(N, *shape)``."""
+        return self.to_param(module, delta * self.normalized(module, x), shape)
+
     def finish(self, site: Site, n: int, memory: Memory) -> LayerStats:
         per: dict[str, Tensor] = {}
         for name, p in site.params.items():
@@ -45,8 +52,9 @@ class DiagonalRule(Rule):
             ref = next(iter(per.values()))
             delta = c.delta.to(ref.dtype)
             if "weight" in per:
-                xh = self.normalized(site.module, c.inputs.to(ref.dtype))
-                per["weight"] += self.to_param(site.module, delta * xh, per["weight"].shape[1:])
+                per["weight"] += self.weight_grads(
+                    site.module, c.inputs.to(ref.dtype), delta, per["weight"].shape[1:], c
+                )
             if "bias" in per:
                 per["bias"] += self.to_param(site.module, delta, per["bias"].shape[1:])
         sq = sum(sq_norms(g) for g in per.values())

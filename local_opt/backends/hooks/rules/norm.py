@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from local_opt.backends.hooks.rules.base import register, register_named
+from local_opt.backends.hooks.rules.base import Call, register, register_named
 from local_opt.backends.hooks.rules.diagonal import DiagonalRule
 
 __all__: list[str] = []  # private module
@@ -39,15 +39,47 @@ class BatchNormRule(DiagonalRule):
     batch statistics, and ``δ`` includes the coupling through them: the per-sample gradients are
     then the per-sample *contributions* whose mean is the batch gradient."""
 
+    def _batch_stats(self, module: nn.Module) -> bool:
+        return module.training or (module.running_mean is None and module.running_var is None)
+
     def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
-        batch_stats = module.training or (
-            module.running_mean is None and module.running_var is None
-        )
-        if batch_stats:
+        if self._batch_stats(module):
             return F.batch_norm(x, None, None, None, None, True, 0.0, module.eps)
         return F.batch_norm(
             x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps
         )
+
+    def on_output(self, call: Call, y: Tensor) -> None:
+        node = y.grad_fn  # the batch statistics the forward computed (CPU and CUDA kernels)
+        if type(node).__name__ == "NativeBatchNormBackward0" and node._saved_training:
+            mean, invstd = node._saved_result1, node._saved_result2
+            if mean.dim() == 1 and invstd.dim() == 1:
+                call.bn_stats = (mean, invstd)  # type: ignore[attr-defined]
+
+    def weight_grads(
+        self, module: nn.Module, x: Tensor, delta: Tensor, shape: torch.Size, call: Call | None = None
+    ) -> Tensor:
+        r"""Without forming :math:`\hat x`: :math:`\sum_t \delta_t \hat x_t = r\,(\sum_t
+        \delta_t x_t - \mu \sum_t \delta_t)` per sample and channel (mean :math:`\mu`, inverse
+        standard deviation :math:`r`: the running ones in eval mode, else those the forward
+        computed, read from its autograd node, or recomputed), combined in float64."""
+        n = x.shape[0]
+        c = shape.numel()
+        if x.dim() < 2 or x.shape[1] != c or not (x.is_contiguous() and delta.is_contiguous()):
+            return super().weight_grads(module, x, delta, shape, call)
+        xv, dv = x.view(n * c, -1, 1), delta.view(n * c, 1, -1)
+        sdx = torch.bmm(dv, xv).view(n, c).double()
+        sd = dv.sum(2).view(n, c).double()
+        stats = getattr(call, "bn_stats", None)
+        if not self._batch_stats(module):
+            mean = module.running_mean.double()
+            rstd = torch.rsqrt(module.running_var.double() + module.eps)
+        elif stats is not None and stats[0].shape == (c,):
+            mean, rstd = stats[0].double(), stats[1].double()
+        else:
+            var, mean = torch.var_mean(x, dim=(0, *range(2, x.dim())), correction=0)
+            mean, rstd = mean.double(), torch.rsqrt(var.double() + module.eps)
+        return ((sdx - mean * sd) * rstd).to(delta.dtype).reshape(n, *shape)
 
 
 class _WithAct:
