@@ -43,16 +43,18 @@ inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 opt = LocalOptimizer(inner, sync_every=8, module=model)  # averages the models every 8 steps
 sampler = AdaptiveBatchSampler(dataset, batch_size=16, max_batch_size=256)  # per worker
 loader = DataLoader(dataset, batch_sampler=sampler)
-test = VarianceTest(model, F.cross_entropy, max_batch_size=256)  # library defaults, no tuning
+# library defaults, no tuning; optimizer=opt: the learning rate follows the batch size
+test = VarianceTest(model, F.cross_entropy, optimizer=opt, max_batch_size=256)
 
 for epoch in range(10):
     sampler.set_epoch(epoch)
     for x, y in loader:
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        with test.capture(active=opt.will_sync) as cap:  # statistics from this step's backward
+            F.cross_entropy(model(x), y).backward()
         opt.step()  # a local step; every 8th also averages the models (a round)
         if opt.synced:  # a round just ended: pooled over the workers, the same size everywhere
-            sampler.set_batch_size(test.suggest(x, y, sampler.batch_size))
+            sampler.set_batch_size(test.suggest_from_capture(cap, sampler.batch_size))
 opt.sync()  # one more round, so that every worker ends with the averaged model
 
 with torch.no_grad():

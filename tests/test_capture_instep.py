@@ -282,6 +282,26 @@ def test_variance_test_capture_equals_suggest():
         aug.suggest_from_capture(cap, 2)
 
 
+@pytest.mark.parametrize("test", ["norm", "augmented"])
+def test_suggest_after_the_optimizer_step(test):
+    """The quick start's order: capture, opt.step(), then suggest_from_capture. The step changes
+    the parameters that the accounting check reads; the statistics are those of the block."""
+    model, x, y = _bncnn()
+    model.eval()
+    kw = dict(test=test, min_dof=0, max_batch_size=10**6)
+    ref = VarianceTest(model, F.cross_entropy, backend="hooks", **kw)
+    b_ref = ref.suggest(x, y, 2)
+    vt = VarianceTest(model, F.cross_entropy, **kw)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    model.zero_grad(set_to_none=True)
+    with vt.capture() as cap:
+        F.cross_entropy(model(x), y).backward()
+    opt.step()  # moves every parameter
+    assert vt.suggest_from_capture(cap, 2) == b_ref
+    for key in ("mean_sq_norm", "sq_norm_sum", "raw"):
+        assert vt.last_stats[key] == pytest.approx(ref.last_stats[key], rel=1e-10), key
+
+
 def test_rule_error_does_not_break_the_step(monkeypatch):
     """A rule failing inside the backward: .grad as without the capture, the error afterwards."""
     from local_opt.backends.hooks.rules.linear import LinearRule

@@ -366,6 +366,10 @@ class StatsCapture:
         self._errors: list[BaseException] = []
         self._arrived = 0
         self._low = False
+        # the statistics (or the error computing them), taken once: at the end of the block at
+        # the latest, while the parameters still have the values the backward saw (the
+        # accounting check reads them; an optimizer step after the block would change them)
+        self._result: GradStats | Exception | None = None
 
     def __enter__(self) -> StatsCapture:
         sites, bare, missing = plan_model(self.model)
@@ -402,6 +406,11 @@ class StatsCapture:
         for undo in self._undo:
             undo()
         self._handles, self._undo = [], []
+        if exc[0] is None and self._result is None:
+            try:
+                self._result = self._compute_stats()
+            except Exception as e:  # raised by grad_stats(), where the caller asks for them
+                self._result = e
 
     def _active(self) -> bool:
         return not self._validating
@@ -532,12 +541,21 @@ class StatsCapture:
         self._swapped = []
 
     def grad_stats(self) -> GradStats:
-        """The statistics of the captured step (call after ``backward()``).
+        """The statistics of the captured step (call after ``backward()``, inside the block or
+        after it; an optimizer step after the block does not change them: they are taken when
+        the block ends at the latest).
 
         Raises :class:`~local_opt.backends.hooks.check.UnaccountedGradient` (a RuntimeError)
         naming the parameters when the contributions the hooks saw do not add up to the
         gradient the backward computed (see :mod:`~local_opt.backends.hooks.check`), and any
         error a rule met during the backward."""
+        if self._result is None:
+            self._result = self._compute_stats()
+        if isinstance(self._result, Exception):  # met when the block ended
+            raise self._result
+        return self._result
+
+    def _compute_stats(self) -> GradStats:
         if self._forwards != 1:
             raise RuntimeError(f"StatsCapture saw {self._forwards} forward passes, expected 1")
         opened = any(s.calls for s in self._sites) or self._finished
