@@ -320,6 +320,29 @@ def _probing(model: nn.Module) -> Iterator[None]:
                 b.copy_(saved[k])
 
 
+@contextlib.contextmanager
+def _sliced_copies(model: nn.Module, n: int, m: int) -> Iterator[None]:
+    """Within the block, per-sample copies of bare parameters that the pass put in place of the
+    parameters (``(n, ...)`` tensors that are not ``nn.Parameter``) are cut to ``m`` samples,
+    as the probe's inputs are."""
+    swapped = []
+    for mod in model.modules():
+        for k, t in mod._parameters.items():
+            if (
+                isinstance(t, Tensor)
+                and not isinstance(t, nn.Parameter)
+                and t.dim() >= 2
+                and t.shape[0] == n
+            ):
+                swapped.append((mod, k, t))
+                mod._parameters[k] = t[:m]
+    try:
+        yield
+    finally:
+        for mod, k, t in swapped:
+            mod._parameters[k] = t
+
+
 def find_off_batch(model: nn.Module, args: tuple, kwargs: dict | None = None) -> bool:
     """Once per model: run ``model.forward`` on at most 3 samples (eval mode, no grad, state
     restored) and add to :data:`OFF_BATCH` the covered layers whose input never derives from the
@@ -367,6 +390,7 @@ def check_rows(
     samples, and again with one sample's input changed: only that sample's rows may change.
     """
     small, small_kw, m = _first_samples(args, kwargs)
+    n = int(args[0].shape[0])
     linears = [
         mod
         for mod in model.modules()
@@ -394,7 +418,7 @@ def check_rows(
                 h.remove()
         return mode.trace
 
-    with _probing(model):
+    with _probing(model), _sliced_copies(model, n, m):
         base = run(small)
         if base.unsupported:
             return base.unsupported[0]
