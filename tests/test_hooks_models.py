@@ -1,0 +1,126 @@
+"""Coverage of issue 20's layer families and models against the per-sample autograd loop.
+
+Hugging Face ``Conv1D`` and GPT-2 (from a tiny config, never hub weights), timm's
+weight-standardized convolutions (``StdConv2d``, ``ScaledStdConv2d`` and the ``Same`` variants)
+and NFNet, BEiT's attention (``F.linear`` with its own weight and a concatenated bias).
+Tolerances and references as in ``test_hooks_coverage.py``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from test_hooks_coverage import Head, check, images, lm_loss, randomize, sequences
+from torch import nn
+
+from local_opt.backends import resolve
+from local_opt.backends.hooks import unsupported_layers
+
+MODES = pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face Conv1D and GPT-2
+# ----------------------------------------------------------------------------------------------
+
+
+@MODES
+def test_hf_conv1d_matches_loop(train):
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(6, 8), nn.Tanh(), Conv1D(4, 6), Head(4, dims=(1,)))
+    randomize(model.double()).train(train)
+    x, y = sequences(d=8)
+    check(model, x, y)
+
+
+def _gpt2():
+    pytest.importorskip("transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=16, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(config)
+
+
+class Logits(nn.Module):
+    """A Hugging Face model as ``ids -> logits``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).logits
+
+
+@MODES
+def test_hf_gpt2_is_covered_and_matches_loop(train):
+    model = Logits(_gpt2()).double().train(train)
+    randomize(model, 0.02)
+    assert unsupported_layers(model) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve("auto", model) == "hooks"
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 40, (3, 7), generator=g)
+    y = torch.randint(0, 40, (3, 7), generator=g)
+    check(model, ids, y, loss_fn=lm_loss)
+
+
+# ----------------------------------------------------------------------------------------------
+# weight-standardized convolutions
+# ----------------------------------------------------------------------------------------------
+
+
+def _std_convs():
+    pytest.importorskip("timm")
+    from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+
+    return {
+        "StdConv2d": lambda: StdConv2d(3, 4, 3, bias=True),
+        "StdConv2d(groups, no bias)": lambda: StdConv2d(3, 6, 3, stride=2, groups=3),
+        "StdConv2dSame": lambda: StdConv2dSame(3, 4, 3, stride=2),
+        "ScaledStdConv2d": lambda: ScaledStdConv2d(3, 4, 3, gamma=1.7),
+        "ScaledStdConv2dSame": lambda: ScaledStdConv2dSame(3, 4, 2, stride=2),
+    }
+
+
+@MODES
+@pytest.mark.parametrize(
+    "name",
+    ["StdConv2d", "StdConv2d(groups, no bias)", "StdConv2dSame", "ScaledStdConv2d",
+     "ScaledStdConv2dSame"],
+)
+def test_std_conv_matches_loop(name, train):
+    conv = _std_convs()[name]()
+    torch.manual_seed(0)
+    model = nn.Sequential(conv, nn.GELU(), Head(conv.out_channels))
+    randomize(model.double()).train(train)
+    x, y = images(c=3, hw=7)
+    check(model, x, y)
+
+
+def test_std_conv_frozen_gain():
+    conv = _std_convs()["ScaledStdConv2d"]()
+    conv.gain.requires_grad_(False)
+    model = randomize(nn.Sequential(conv, Head(4)).double())
+    x, y = images(c=3, hw=5)
+    check(model, x, y)
+
+
+def test_timm_nfnet_is_covered_and_matches_loop():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("test_nfnet", pretrained=False, num_classes=3).double().eval()
+    randomize(model, 0.02)
+    assert unsupported_layers(model) == []
+    x, y = images(n=2, c=3, hw=32)
+    check(model, x, y, capture=False)
