@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_hooks_coverage import Head, check, images, lm_loss, randomize, sequences
 from torch import nn
 
@@ -123,4 +124,52 @@ def test_timm_nfnet_is_covered_and_matches_loop():
     randomize(model, 0.02)
     assert unsupported_layers(model) == []
     x, y = images(n=2, c=3, hw=32)
+    check(model, x, y, capture=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# BEiT / EVA attention: F.linear(x, self.qkv.weight, cat(q_bias, k_bias, v_bias))
+# ----------------------------------------------------------------------------------------------
+
+TIMM_ATTENTION = {
+    "beit_base_patch16_224": dict(img_size=32, patch_size=8, depth=1, embed_dim=16, num_heads=2),
+    "eva02_tiny_patch14_224": dict(img_size=28, patch_size=14, depth=1, embed_dim=16, num_heads=2),
+}
+
+
+class QKVBias(nn.Module):
+    """BEiT's attention projection: the Linear module's forward never runs; its weight is used
+    with a bias concatenated from two parameters and a buffer, twice on different inputs."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.randn(dim))
+        self.register_buffer("k_bias", torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.randn(dim))
+        self.head = Head(3 * dim, dims=(1,))
+
+    def forward(self, x):
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        h = F.linear(x, weight=self.qkv.weight, bias=bias)
+        return self.head(h + F.linear(x.flip(1), self.qkv.weight))
+
+
+@MODES
+def test_functional_linear_with_loose_bias_matches_loop(train):
+    torch.manual_seed(0)
+    model = randomize(QKVBias().double()).train(train)
+    x, y = sequences()
+    check(model, x, y)
+
+
+@pytest.mark.parametrize("name", list(TIMM_ATTENTION))
+def test_timm_beit_eva_are_covered_and_match_loop(name):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    kwargs = TIMM_ATTENTION[name]
+    model = timm.create_model(name, pretrained=False, num_classes=3, **kwargs).double().eval()
+    randomize(model, 0.02)
+    size = kwargs["img_size"]
+    x, y = images(n=2, c=3, hw=size)
     check(model, x, y, capture=False)

@@ -211,12 +211,47 @@ class BareMode(TorchFunctionMode):
                 self._copies[id(out)] = (weakref.ref(out), row)
 
     def _supported(self, func, args, kwargs, static) -> bool:
+        if func is F.linear:  # a static weight and/or bias on a batch input
+            x, w, b = _linear_args(args, kwargs)
+            return not any(x is s for s in static) and isinstance(x, Tensor) and x.dim() >= 2
         if func is F.scaled_dot_product_attention:
             mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
             return all(s is mask for s in static) and mask.is_floating_point()
         return func in _ELEMENTWISE and not (func in _INPLACE and self._has(self._static, args[0]))
 
+    def _linear(self, args, kwargs, static):
+        """``F.linear(x, W, b)`` with a static ``W`` and/or ``b``: ``W`` becomes ``R`` copies,
+        one per row of ``x`` (a batched matmul, whose weight gradient is per row), and a static
+        ``b`` is added as an elementwise meeting op (see :meth:`_meet`)."""
+        x, w, b = _linear_args(args, kwargs)
+        w_static = any(w is s for s in static)
+        b_static = b is not None and any(b is s for s in static)
+        if not w_static or self.probe:
+            out = F.linear(x, w)
+            if self.probe and w_static:  # record the batch operand, as the output's rows
+                self.trace.uses.append(Use("linear", w, None, x.shape[0]))
+                self.trace.outputs.append(x.reshape(x.shape[0], -1).clone())
+        else:
+            rows = x.shape[0]
+            e = w.unsqueeze(0).expand(rows, *w.shape)
+            use = Use("linear", w.unsqueeze(0), e, rows)
+            if e.requires_grad:
+                use.edge = get_gradient_edge(e)
+                if self.on_use is not None:
+                    self.on_use(use)
+            self.trace.uses.append(use)
+            x3 = x.reshape(rows, -1, x.shape[-1])
+            out = torch.bmm(x3, e.transpose(1, 2)).reshape(*x.shape[:-1], w.shape[0])
+        if b is None:
+            return out
+        if not b_static:
+            return out + b
+        self._mark(self._batch, out)
+        return self._meet(torch.add, (out, b), {}, [out, b], [b])
+
     def _meet(self, func, args, kwargs, tensors, static):
+        if func is F.linear:
+            return self._linear(args, kwargs, static)
         if func is F.scaled_dot_product_attention:  # an additive mask on the scores
             q, k = args[0], args[1] if len(args) > 1 else kwargs["key"]
             shape = torch.Size((*q.shape[:-1], k.shape[-2]))
@@ -263,6 +298,12 @@ class BareMode(TorchFunctionMode):
             lambda t: swap.get(id(t), t) if isinstance(t, Tensor) else t, (args, kwargs)
         )
         return func(*new_args, **new_kwargs)
+
+
+def _linear_args(args: tuple, kwargs: dict) -> tuple[Any, Any, Any]:
+    """``(input, weight, bias)`` of an ``F.linear`` call."""
+    bound = dict(zip(("input", "weight", "bias"), args), **kwargs)
+    return bound.get("input"), bound.get("weight"), bound.get("bias")
 
 
 def _rows(b: Tensor, shape: torch.Size) -> Tensor:
@@ -376,7 +417,9 @@ def find_off_batch(model: nn.Module, args: tuple, kwargs: dict | None = None) ->
     finally:
         for h in handles:
             h.remove()
-    off = [mod for mod, on in fed.items() if not on]
+    # off the batch, or never called: its parameters are used functionally (BEiT's attention
+    # calls ``F.linear(x, self.qkv.weight, bias)`` itself) or not at all
+    off = [mod for mod in covered if not fed.get(mod, False)]
     OFF_BATCH.update(off)
     return bool(off)
 
