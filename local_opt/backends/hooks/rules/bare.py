@@ -51,6 +51,7 @@ from local_opt.backends.hooks.rules.base import (
     find_rule,
     sq_norms,
 )
+from local_opt.backends.hooks.rules.diagonal import DiagonalRule
 from local_opt.backends.hooks.rules.linear import FOLDABLE, LinearRule
 from local_opt.backends.stack import in_backward
 
@@ -343,16 +344,53 @@ def _first_samples(args: tuple, kwargs: dict | None) -> tuple[tuple, dict, int]:
     return tuple(tree_map(head, list(args))), tree_map(head, kwargs or {}), m
 
 
+def _tensor_caches(model: nn.Module) -> list[tuple[nn.Module, str, dict]]:
+    """Dictionaries of tensors that modules keep between forwards (LeViT's and EfficientFormer's
+    ``attention_bias_cache``, filled in eval mode): ``(module, attribute, dict)``."""
+    found = []
+    for mod in model.modules():
+        for k, v in vars(mod).items():
+            if (
+                isinstance(v, dict)
+                and not k.startswith("_")
+                and ("cache" in k or (v and all(isinstance(t, Tensor) for t in v.values())))
+                and all(isinstance(t, Tensor) for t in v.values())
+            ):
+                found.append((mod, k, v))
+    return found
+
+
 @contextlib.contextmanager
-def _probing(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no grad for a probe's forward passes; every module's mode and every buffer
-    are restored afterwards."""
+def fresh_caches(model: nn.Module) -> Iterator[Callable[[], None]]:
+    """Within the block the modules' tensor caches (:func:`_tensor_caches`) are empty, so every
+    forward computes what they would hold from the parameters (the loose-parameter mode then
+    sees it); the returned function empties them again; the original ones are put back after."""
+    caches = _tensor_caches(model)
+
+    def empty() -> None:
+        for mod, k, _ in caches:
+            setattr(mod, k, {})
+
+    empty()
+    try:
+        yield empty
+    finally:
+        for mod, k, v in caches:
+            setattr(mod, k, v)
+
+
+@contextlib.contextmanager
+def _probing(model: nn.Module) -> Iterator[Callable[[], None]]:
+    """Eval mode and no grad for a probe's forward passes; every module's mode, every buffer and
+    every tensor cache are restored afterwards. Yields the function that empties the caches
+    (call it before each forward)."""
     modes = {mod: mod.training for mod in model.modules()}
     saved = {k: b.detach().clone() for k, b in model.named_buffers()}
     try:
-        model.eval()
-        with torch.no_grad():
-            yield
+        with fresh_caches(model) as empty:
+            model.eval()
+            with torch.no_grad():
+                yield empty
     finally:
         for mod, t in modes.items():
             mod.train(t)
@@ -401,12 +439,15 @@ def find_off_batch(model: nn.Module, args: tuple, kwargs: dict | None = None) ->
         return False
     mode = BareMode([], [t for t in tree_flatten((small, small_kw))[0] if isinstance(t, Tensor)])
     fed: dict[nn.Module, bool] = {}
+    folded: list[nn.Module] = []  # run on k·N rows (MobileViT's patches, LeViT's BatchNorm)
 
     def record(mod: nn.Module, a: tuple) -> None:
         x = a[0] if a else None
         if isinstance(x, Tensor):
             on = mode._has(mode._batch, x) or (x.dim() > 0 and x.shape[0] == m)
             fed[mod] = fed.get(mod, False) or on
+            if on and x.dim() >= 2 and x.shape[0] != m:
+                folded.append(mod)
 
     handles = [mod.register_forward_pre_hook(record) for mod in covered]
     try:
@@ -421,6 +462,11 @@ def find_off_batch(model: nn.Module, args: tuple, kwargs: dict | None = None) ->
     # calls ``F.linear(x, self.qkv.weight, bias)`` itself) or not at all
     off = [mod for mod in covered if not fed.get(mod, False)]
     OFF_BATCH.update(off)
+    if folded:  # which sample each row belongs to: probed (FOLDABLE), or the rules refuse
+        try:
+            check_rows(model, [], args, kwargs)
+        except Exception:  # noqa: BLE001 - the pass itself will report what fails
+            pass
     return bool(off)
 
 
@@ -437,10 +483,11 @@ def check_rows(
     linears = [
         mod
         for mod in model.modules()
-        if isinstance(find_rule(mod), LinearRule) and mod not in OFF_BATCH
+        if isinstance(find_rule(mod), (LinearRule, DiagonalRule)) and mod not in OFF_BATCH
     ]
 
     def run(inputs: tuple) -> Trace:
+        empty()  # every run computes its cached tensors itself
         batch = [t for t in tree_flatten(inputs)[0] if isinstance(t, Tensor)]
         mode = BareMode(params, batch, probe=True)
 
@@ -461,7 +508,7 @@ def check_rows(
                 h.remove()
         return mode.trace
 
-    with _probing(model), _sliced_copies(model, n, m):
+    with _probing(model) as empty, _sliced_copies(model, n, m):
         base = run(small)
         if base.unsupported:
             return base.unsupported[0]
@@ -576,12 +623,18 @@ class BareRule(Rule):
 
                 use.expanded.register_hook(hook)
 
+            fresh = fresh_caches(model)  # cached tensors are computed under the mode
+            fresh.__enter__()
+            state["fresh"] = fresh
             mode = BareMode(params, inputs, on_use=on_use)
             mode.__enter__()
             state["mode"] = mode
 
         def post(module: nn.Module, args: tuple, output: Any) -> None:
             mode = state.pop("mode", None)
+            fresh = state.pop("fresh", None)
+            if fresh is not None:
+                fresh.__exit__(None, None, None)
             if mode is None:
                 return
             mode.__exit__(None, None, None)
