@@ -28,8 +28,8 @@ Models: ``resnet18`` (timm, 224 px, train) and ``resnet18_eval``, ``vit_small`` 
 ViT-S/16, 224 px), ``gpt`` (``test_bench_variance.GPT``: d 256, 4 layers, context 256),
 ``hf_gpt2`` and ``hf_llama`` (Hugging Face, from configs: d 256, 4 layers, 4 heads, context 256,
 vocabulary 4096; no weights). Full sizes under ``make bench`` (batch ``LOCAL_OPT_BENCH_BATCH``,
-default 16; ``LOCAL_OPT_BENCH_REPEATS`` interleaved repeats, default 3, and
-``LOCAL_OPT_BENCH_VMAP_REPEATS`` for vmap, default 1; one thread); the results
+default 16; ``LOCAL_OPT_BENCH_REPEATS`` timed calls, default 3, interleaved with the step's;
+``vmap`` runs once; one thread); the results
 also go, one JSON line per run, to ``runs/compare.jsonl`` and ``python
 benchmarks/test_bench_compare.py report runs/compare.jsonl`` prints the markdown table. Under
 ``--benchmark-disable`` (``make test``) each runs once in-process at tiny sizes and checks the
@@ -50,13 +50,12 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from _ratio import interleaved_ratio, quick, record
+from _ratio import quick, record
 from torch import nn
 
 THREADS = int(os.environ.get("LOCAL_OPT_BENCH_THREADS", "1"))
 REPEATS = int(os.environ.get("LOCAL_OPT_BENCH_REPEATS", "3"))
 BATCH = int(os.environ.get("LOCAL_OPT_BENCH_BATCH", "16"))
-VMAP_REPEATS = int(os.environ.get("LOCAL_OPT_BENCH_VMAP_REPEATS", "1"))
 OUT = os.environ.get("LOCAL_OPT_BENCH_COMPARE_OUT", "runs/compare.jsonl")
 MODELS = ["resnet18", "resnet18_eval", "vit_small", "gpt", "hf_gpt2", "hf_llama"]
 METHODS = ["suggest_aug", "suggest_norm", "capture", "opacus", "backpack", "vmap"]
@@ -222,36 +221,62 @@ PREPARE = {
 
 
 def measure(name: str, method: str, batch: int, small: bool, repeats: int, peaks: bool) -> dict:
-    """Time (ratio vs a plain step, interleaved), peak memory and the statistic of one method."""
+    """Time (ratio of medians vs a plain step, interleaved), peak memory and the statistic of one
+    method. The first call of the method gives the statistic (and initializes lazily); with
+    ``peaks`` the next call of each (step, then method) is measured for memory and counts as a
+    timed repeat. ``vmap`` at full size runs once: that call is the statistic, the memory and
+    the time (it includes torch.func's lazy initialization)."""
     import ctypes
     import gc
+    import statistics
+    import time
 
     from test_bench_variance import _status_kib
 
     torch.set_num_threads(THREADS)
     model, x, y, loss_fn = make(name, batch, small)
     plain = copy.deepcopy(model)
+    libc = ctypes.CDLL("libc.so.6")
+
+    def timed(fn: Callable[[], object], peak_key: str | None = None) -> tuple[float, object]:
+        if peak_key is not None:
+            gc.collect()
+            libc.malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            before = _status_kib("VmRSS")
+        t0 = time.perf_counter()
+        value = fn()
+        dt = time.perf_counter() - t0
+        if peak_key is not None:
+            out[peak_key] = (_status_kib("VmHWM") - before) / 1024
+        return dt, value
+
+    out: dict = {"model": name, "method": method, "batch": batch}
+    once = method == "vmap" and not small
+    base = lambda: step(plain, x, y, loss_fn)  # noqa: E731
+    t_new: list[float] = []
+    t_base: list[float] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run = PREPARE[method](model, x, y, loss_fn)
-        stat = run()  # the first call: lazy initialization, and the statistic
-        out: dict = {"model": name, "method": method, "batch": batch, "stat": stat}
+        base()  # warm-up of the step
         if peaks:
-            gc.collect()
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-            for which, fn in (("step", lambda: step(plain, x, y, loss_fn)), (method, run)):
-                fn()
-                gc.collect()
-                ctypes.CDLL("libc.so.6").malloc_trim(0)
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                before = _status_kib("VmRSS")
-                fn()
-                out[f"{which}_peak_mib"] = (_status_kib("VmHWM") - before) / 1024
-        if method == "vmap" and not small:  # one round: it is slow
-            repeats = min(repeats, VMAP_REPEATS)
-        res = interleaved_ratio(run, lambda: step(plain, x, y, loss_fn), repeats, warmup=0)
-    out.update(ratio=res["ratio"], new_s=res["new_s"], step_s=res["base_s"])
+            t_base.append(timed(base, "step_peak_mib")[0])
+        dt, stat = timed(run, f"{method}_peak_mib" if peaks and once else None)
+        out["stat"] = stat
+        if once:
+            t_new.append(dt)
+        elif peaks:
+            t_new.append(timed(run, f"{method}_peak_mib")[0])
+        for i in range(0 if once else repeats - len(t_new)):
+            pair = ((run, t_new), (base, t_base)) if i % 2 else ((base, t_base), (run, t_new))
+            for fn, sink in pair:
+                sink.append(timed(fn)[0])
+        if not t_base:
+            t_base.append(timed(base)[0])
+    m_new, m_base = statistics.median(t_new), statistics.median(t_base)
+    out.update(ratio=m_new / m_base, new_s=m_new, step_s=m_base, repeats=len(t_new))
     return out
 
 
