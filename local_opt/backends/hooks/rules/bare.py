@@ -344,20 +344,28 @@ def _first_samples(args: tuple, kwargs: dict | None) -> tuple[tuple, dict, int]:
     return tuple(tree_map(head, list(args))), tree_map(head, kwargs or {}), m
 
 
+# Per model, the (module, attribute) of its tensor caches (found once).
+_CACHES: weakref.WeakKeyDictionary[nn.Module, list[tuple[nn.Module, str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def _tensor_caches(model: nn.Module) -> list[tuple[nn.Module, str, dict]]:
     """Dictionaries of tensors that modules keep between forwards (LeViT's and EfficientFormer's
     ``attention_bias_cache``, filled in eval mode): ``(module, attribute, dict)``."""
-    found = []
-    for mod in model.modules():
-        for k, v in vars(mod).items():
-            if (
-                isinstance(v, dict)
-                and not k.startswith("_")
-                and ("cache" in k or (v and all(isinstance(t, Tensor) for t in v.values())))
-                and all(isinstance(t, Tensor) for t in v.values())
-            ):
-                found.append((mod, k, v))
-    return found
+    where = _CACHES.get(model)
+    if where is None:
+        where = [
+            (mod, k)
+            for mod in model.modules()
+            for k, v in vars(mod).items()
+            if isinstance(v, dict)
+            and not k.startswith("_")
+            and ("cache" in k or (v and all(isinstance(t, Tensor) for t in v.values())))
+            and all(isinstance(t, Tensor) for t in v.values())
+        ]
+        _CACHES[model] = where
+    return [(mod, k, getattr(mod, k)) for mod, k in where if isinstance(getattr(mod, k, None), dict)]
 
 
 @contextlib.contextmanager
