@@ -24,6 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q --benchmark-disable
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[bench]'
 	mkdir -p runs
 	$(PY) -m pytest benchmarks -q -s --benchmark-only --benchmark-json=runs/bench.json \
 	  --benchmark-columns=min,median,mean,rounds --benchmark-sort=name

@@ -1,19 +1,26 @@
 """Which models ``VarianceTest(backend="auto")`` runs on the exact fast path (the hooks backend).
 
-A fixed list of timm architectures (CNNs, ViTs, hybrids, mobile nets; tiny configurations, no
-pretrained weights, small images) plus ``nn.TransformerEncoder``, a GPT-style language model with
-a tied head and an LSTM classifier. For each model: ``"auto"``'s choice from the model's structure
-(:func:`local_opt.backends.resolve`) and then one hooks pass on a batch of 2, which is where loose
-parameters are followed and checked. A model is *covered* when both succeed; otherwise the first
-reason is printed.
+A fixed list: timm architectures (CNNs, ViTs, hybrids, mobile nets), torchvision models, Hugging
+Face ``transformers`` models built from tiny configs (GPT-2, Llama, BERT, ViT; never hub weights;
+skipped when ``transformers`` is not installed), ``nn.TransformerEncoder``, GPT-style language
+models with a tied head and an LSTM classifier; tiny configurations, no pretrained weights, small
+inputs. For each model, ``"auto"`` runs as :class:`~local_opt.VarianceTest` runs it
+(:func:`local_opt.backends.compute`, the model in training mode, float32, a batch of 3): the
+backend it ends on (``hooks``, or the fallback ``vmap``/``microbatch`` and why: the layer the
+hooks lack, or the layer where the hooks pass failed). With ``--check``, a model on the hooks
+path is then compared with ``vmap`` in float64 and eval mode (BatchNorm with running statistics,
+where both define the same per-sample gradients): the relative difference of
+:math:`\\sum_i \\lVert g_i\rVert^2`.
 
-    OMP_NUM_THREADS=1 python benchmarks/coverage.py            # the table (markdown)
-    OMP_NUM_THREADS=1 python benchmarks/coverage.py --check    # also compare with vmap (float64)
+    OMP_NUM_THREADS=1 python benchmarks/coverage.py                 # the table (markdown)
+    OMP_NUM_THREADS=1 python benchmarks/coverage.py --check         # + hooks vs vmap (float64)
+    OMP_NUM_THREADS=1 python benchmarks/coverage.py --check --out docs/coverage.md
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import time
 import warnings
 from collections.abc import Callable
@@ -51,6 +58,54 @@ def _timm(name: str, size: int, kind: str, **kwargs: Any) -> Entry:
 
     note = ", ".join(f"{k}={v}" for k, v in kwargs.items() if k != "img_size")
     return Entry(name, kind, build, _images(size), note=f"{size}px" + (f", {note}" if note else ""))
+
+
+def _tv_build(cls: str, **kwargs: Any) -> nn.Module:
+    import torchvision.models as tvm
+
+    return getattr(tvm, cls)(**kwargs)
+
+
+def _tv(name: str, size: int, kind: str, **kwargs: Any) -> Entry:
+    def build() -> nn.Module:
+        import torchvision.models as tvm
+
+        return tvm.get_model(name, weights=None, num_classes=10, **kwargs)
+
+    return Entry(f"{name} (torchvision)", kind, build, _images(size), note=f"{size}px")
+
+
+class HFOutput(nn.Module):
+    """A Hugging Face model as ``inputs -> logits`` (its ``forward`` returns a ModelOutput)."""
+
+    def __init__(self, model: nn.Module, images: bool = False) -> None:
+        super().__init__()
+        self.model, self.images = model, images
+
+    def forward(self, x):
+        out = self.model(pixel_values=x) if self.images else self.model(input_ids=x)
+        return out.logits
+
+
+def _hf(kind: str) -> nn.Module:
+    """A tiny Hugging Face model from a config (no weights are downloaded)."""
+    import transformers as tf
+
+    common = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2)
+    if kind == "gpt2":
+        cfg = tf.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=64, n_positions=32,
+                            bos_token_id=0, eos_token_id=0)
+        return HFOutput(tf.GPT2LMHeadModel(cfg))
+    if kind == "llama":
+        cfg = tf.LlamaConfig(vocab_size=64, intermediate_size=128, num_key_value_heads=1,
+                             max_position_embeddings=32, **common)
+        return HFOutput(tf.LlamaForCausalLM(cfg))
+    if kind == "bert":
+        cfg = tf.BertConfig(vocab_size=64, intermediate_size=128, max_position_embeddings=32,
+                            num_labels=10, **common)
+        return HFOutput(tf.BertForSequenceClassification(cfg))
+    cfg = tf.ViTConfig(image_size=32, patch_size=8, intermediate_size=128, num_labels=10, **common)
+    return HFOutput(tf.ViTForImageClassification(cfg), images=True)
 
 
 class TransformerClassifier(nn.Module):
@@ -187,6 +242,43 @@ ENTRIES: list[Entry] = [
     _timm("efficientvit_b0", 32, "hybrid"),
     _timm("coat_lite_tiny", 32, "hybrid", img_size=32),
     _timm("levit_128s", 224, "hybrid"),
+    _timm("efficientformer_l1", 224, "hybrid", depths=(1, 1, 1, 1), num_vit=1),
+    _timm(
+        "eva02_tiny_patch14_224", 28, "ViT", img_size=28, patch_size=14, depth=2, embed_dim=32,
+        num_heads=2,
+    ),
+    # torchvision
+    _tv("resnet18", 32, "CNN"),
+    _tv("mobilenet_v3_small", 32, "mobile"),
+    _tv("efficientnet_b0", 32, "mobile"),
+    _tv("shufflenet_v2_x0_5", 32, "mobile"),
+    _tv("mnasnet0_5", 32, "mobile"),
+    _tv("squeezenet1_1", 64, "CNN"),
+    _tv("densenet121", 32, "CNN"),
+    _tv("regnet_y_400mf", 32, "CNN"),
+    _tv("convnext_tiny", 32, "CNN"),
+    _tv("googlenet", 32, "CNN", aux_logits=False, init_weights=True),
+    Entry(
+        "vit (torchvision VisionTransformer)", "torchvision",
+        lambda: _tv_build("VisionTransformer", image_size=32, patch_size=8, num_layers=2,
+                          num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10),
+        _images(32), note="32px, 2 layers, d=32",
+    ),
+    Entry(
+        "swin (torchvision SwinTransformer)", "torchvision",
+        lambda: _tv_build("SwinTransformer", patch_size=[4, 4], embed_dim=16, depths=[1, 1],
+                          num_heads=[1, 2], window_size=[4, 4], num_classes=10),
+        _images(32), note="32px, depths (1, 1), d=16",
+    ),
+    # Hugging Face transformers (tiny configs, no weights)
+    Entry("GPT-2 (GPT2LMHeadModel)", "HF", lambda: _hf("gpt2"), _tokens(64, 16, lm=True),
+          note="2 layers, d=64, 2 heads", kwargs={"loss": lm_loss}),
+    Entry("Llama (LlamaForCausalLM)", "HF", lambda: _hf("llama"), _tokens(64, 16, lm=True),
+          note="2 layers, d=64, 2 heads (GQA 1 kv head)", kwargs={"loss": lm_loss}),
+    Entry("BERT (BertForSequenceClassification)", "HF", lambda: _hf("bert"), _tokens(64, 16),
+          note="2 layers, d=64, 2 heads"),
+    Entry("ViT (ViTForImageClassification)", "HF", lambda: _hf("vit"), _images(32),
+          note="32px, patch 8, 2 layers, d=64"),
     # torch
     Entry("nn.TransformerEncoder", "torch", TransformerClassifier, _tokens(50, 12)),
     Entry(
@@ -201,62 +293,147 @@ ENTRIES: list[Entry] = [
 ]
 
 
-def probe(entry: Entry, check: bool = False) -> tuple[bool, str, float]:
-    """``(covered, reason, seconds)`` for one entry."""
-    from local_opt.backends import resolve
-    from local_opt.backends.hooks import hooks_grad_stats, unsupported_layers
+def _fresh(model: nn.Module) -> None:
+    """Empty timm's eval-mode attention-bias caches (a cached bias computed with grad in one
+    pass would carry that pass's freed graph into the next)."""
+    for m in model.modules():
+        if isinstance(getattr(m, "attention_bias_cache", None), dict):
+            m.attention_bias_cache = {}
+
+
+def _loop_sq_norm_sum(model: nn.Module, loss: Callable, x: Any, y: Any) -> float:
+    """``Σ_i ‖g_i‖²`` from one forward and backward per sample."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = 0.0
+    for i in range(len(x)):
+        _fresh(model)
+        gs = torch.autograd.grad(loss(model(x[i : i + 1]), y[i : i + 1]), params, allow_unused=True)
+        total += sum(float(g.double().pow(2).sum()) for g in gs if g is not None)
+    return total
+
+
+def probe(entry: Entry, check: bool = False) -> tuple[str, str, str, float]:
+    """``(backend, hooks vs vmap, reason, seconds)`` for one entry: what ``"auto"`` ends on."""
+    from local_opt.backends import compute
+    from local_opt.backends.hooks import hooks_grad_stats
+    from local_opt.backends.vmap import vmap_stats
 
     start = time.perf_counter()
     torch.manual_seed(0)
-    model = entry.build()
-    loss = entry.kwargs.get("loss", F.cross_entropy)
-    x, y = entry.batch(2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        missing = unsupported_layers(model)
-        choice = resolve("auto", model)
-    if missing or choice != "hooks":
-        return False, (missing[0] if missing else f"auto chose {choice}"), time.perf_counter() - start
     try:
-        stats = hooks_grad_stats(model, loss, x, y)
-    except Exception as e:  # noqa: BLE001 - the reason goes into the table
-        why = f"{type(e).__name__}: {str(e).split('; use')[0]}"
-        return False, why, time.perf_counter() - start
-    reason = ""
-    if check:
-        from local_opt.backends.vmap import vmap_stats
-
-        model = model.double().eval()  # in train mode BatchNorm makes hooks' g_i contributions
-        x = x.double() if x.is_floating_point() else x
-        a = hooks_grad_stats(model, loss, x, y)
+        model = entry.build()
+    except ImportError as e:
+        return "skipped", "", f"needs {e.name or e}", 0.0
+    loss = entry.kwargs.get("loss", F.cross_entropy)
+    x, y = entry.batch(3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
-            b = vmap_stats(model, loss, x, y)
+            backend, _ = compute("auto", model, loss, x, y)
+        except Exception as e:  # noqa: BLE001 - a crash goes into the table (it is a defect)
+            return "CRASH", "", f"{type(e).__name__}: {e}", time.perf_counter() - start
+    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    why = ""
+    if backend != "hooks":
+        why = said[0] if said else f"auto chose {backend}"
+        why = why.replace("VarianceTest(backend='auto'): ", "")
+    diff = ""
+    if check and backend == "hooks":
+        model = model.double().eval()
+        x = x.double() if x.is_floating_point() else x
+        _fresh(model)
+        try:
+            a = float(hooks_grad_stats(model, loss, x, y).sq_norm_sum)
         except Exception as e:  # noqa: BLE001
-            reason = f"vmap fails ({type(e).__name__})"
-        else:
-            err = float((a.sq_norm_sum - b.sq_norm_sum).abs() / b.sq_norm_sum)
-            reason = f"hooks vs vmap (eval, float64): {err:.1e}"
-    del stats
-    return True, reason, time.perf_counter() - start
+            return backend, f"hooks failed in float64 ({type(e).__name__})", why, 0.0
+        _fresh(model)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                b, ref = float(vmap_stats(model, loss, x, y).sq_norm_sum), ""
+        except Exception as e:  # noqa: BLE001 - vmap cannot run it: a per-sample loop instead
+            b, ref = _loop_sq_norm_sum(model, loss, x, y), f" (per-sample loop: vmap fails, {type(e).__name__})"
+        diff = f"{abs(a - b) / b:.1e}{ref}"
+    return backend, diff, why, time.perf_counter() - start
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(["git", "status", "--porcelain", "local_opt"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="compare with vmap in float64")
     parser.add_argument("--only", nargs="*", help="entries whose name contains one of these")
+    parser.add_argument("--out", help="also write the table (markdown) to this file")
     args = parser.parse_args()
+    torch.set_num_threads(1)
     entries = [
         e for e in ENTRIES if not args.only or any(s in e.name for s in args.only)
     ]
-    print("| model | kind | configuration | exact fast path | not covered / note |")
-    print("|---|---|---|---|---|")
-    covered = 0
+    lines = [
+        "| model | kind | configuration | `auto` runs | hooks vs vmap, Σ‖g_i‖² (float64, eval) "
+        "| why not hooks |",
+        "|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    counts: dict[str, int] = {}
     for e in entries:
-        ok, why, secs = probe(e, args.check)
-        covered += ok
-        why = why.replace("|", "/")
-        print(f"| {e.name} | {e.kind} | {e.note} | {'yes' if ok else 'no'} | {why} |", flush=True)
-    print(f"\n{covered}/{len(entries)} covered ({100 * covered / max(1, len(entries)):.0f} %)")
+        backend, diff, why, secs = probe(e, args.check)
+        counts[backend] = counts.get(backend, 0) + 1
+        why = why.replace("|", "/").replace("\n", " ")
+        row = f"| {e.name} | {e.kind} | {e.note} | {backend} | {diff} | {why} |"
+        lines.append(row)
+        print(row, flush=True)
+    ran = len(entries) - counts.get("skipped", 0)
+    others = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()) if k != "hooks")
+    summary = f"{counts.get('hooks', 0)}/{ran} on the hooks backend" + (
+        f"; {others}" if others else ""
+    )
+    print("\n" + summary)
+    if args.out:
+        import platform
+
+        head = [
+            "# Model coverage of the hooks backend",
+            "",
+            "Generated by `OMP_NUM_THREADS=1 python benchmarks/coverage.py --check --out "
+            f"{args.out}` on commit {_commit()} (torch {torch.__version__}, Python "
+            f"{platform.python_version()}, timm {_version('timm')}, torchvision "
+            f"{_version('torchvision')}, transformers {_version('transformers')}).",
+            "",
+            "`auto runs`: the backend `VarianceTest(backend=\"auto\")` ends on for the model in "
+            "training mode (float32, a batch of 3): `hooks` (exact, the fast path), or a "
+            "fallback (`vmap`: exact, ~4x a forward+backward; `microbatch`: an estimate) with "
+            "the reason it printed. *hooks vs vmap*: relative difference of Σᵢ‖gᵢ‖² between the "
+            "hooks backend and torch.func per-sample gradients (a per-sample loop where vmap cannot "
+            "run the model), float64, eval mode; 0.0e+00 means the two sums are the same "
+            "double. Tiny configurations, no pretrained weights (the layer types are what "
+            "matters). A model the hooks backend cannot run would show its fallback and the "
+            "layer; `CRASH` would be a defect.",
+            "",
+            f"**{summary}**",
+            "",
+        ]
+        with open(args.out, "w") as f:
+            f.write("\n".join(head + lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -818,8 +818,9 @@ class PatchFold(nn.Module):
     """MobileViT's layout: image patches folded into the batch dimension before a transformer
     block, so the block's layers see N·P rows for N samples."""
 
-    def __init__(self, norm: bool) -> None:
+    def __init__(self, norm: bool, patch_major: bool = True) -> None:
         super().__init__()
+        self.patch_major = patch_major  # rows ordered patch by patch: not sample-major
         self.conv = nn.Conv2d(1, 4, 3, padding=1)
         self.norm = nn.LayerNorm(4) if norm else nn.Identity()
         self.mix = nn.Linear(4, 4)
@@ -829,7 +830,11 @@ class PatchFold(nn.Module):
         n = x.shape[0]
         h = self.conv(x)  # (N, 4, 4, 4)
         p = h.reshape(n, 4, 2, 2, 2, 2).permute(0, 2, 4, 3, 5, 1).reshape(n * 4, 4, 4)
+        if self.patch_major:
+            p = p.reshape(n, 4, 4, 4).transpose(0, 1).reshape(n * 4, 4, 4)
         p = p + self.mix(self.norm(p))  # (N·P, L, C): rows are patches, not samples
+        if self.patch_major:
+            p = p.reshape(4, n, 4, 4).transpose(0, 1)
         return self.head(p.reshape(n, -1))
 
 
@@ -853,3 +858,16 @@ def test_rows_that_are_not_samples_go_to_vmap_loudly(norm):
         vt.suggest(x, y, 3)
     assert vt.last_stats["backend"] == "vmap"
     assert vt.last_stats["sq_norm_sum"] == pytest.approx(ref.sq_norm_sum, rel=1e-12)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_sample_major_folded_rows_are_exact(norm):
+    """MobileViT's own layout (each sample's patches in consecutive rows) is probed once and
+    the rows are summed per sample: exact."""
+    torch.manual_seed(0)
+    model = PatchFold(norm, patch_major=False).double()
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1])
+    got = hooks_grad_stats(model, F.cross_entropy, x, y)
+    ref = vmap_stats_of(model, x, y)
+    assert float(got.sq_norm_sum) == pytest.approx(float(ref.sq_norm_sum), rel=1e-10)

@@ -32,7 +32,8 @@ memory (:func:`fallback_choice`):
 ``"vmap"`` is chosen when its cost is at most :data:`MAX_EXACT_COST` passes and its memory at
 most :data:`MEMORY_BUDGET` bytes, else ``"microbatch"``. One ``RuntimeWarning`` per model and
 choice names the layer the hooks backend lacks, the choice and why (and says so when the choice
-is the ``O(b²)`` BatchNorm path). :func:`register` adds a backend; :func:`compute` runs one the
+is the ``O(b²)`` BatchNorm path). Any exception inside the hooks pass under ``"auto"`` is a
+fallback too, with a warning naming the layer (:func:`compute`). :func:`register` adds a backend; :func:`compute` runs one the
 way :class:`~local_opt.VarianceTest` does (:mod:`local_opt.backends.stack`: wrapped, compiled,
 checkpointed models, ``no_grad``, autocast).
 """
@@ -44,12 +45,14 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from local_opt._stats import GradStats
 from local_opt.backends import stack
 from local_opt.backends.hooks import hooks_stats, supports, unsupported_layers
 from local_opt.backends.hooks.check import UNCOVERED
+from local_opt.backends.hooks.failure import HooksBackendError, contained, describe, failing_layer
 from local_opt.backends.microbatch import microbatch_stats
 from local_opt.backends.vmap import uses_batch_statistics, vmap_stats
 
@@ -62,6 +65,7 @@ __all__ = [
     "get",
     "compute",
     "fallback_choice",
+    "HooksBackendError",
 ]
 
 Backend = Callable[..., GradStats]
@@ -84,6 +88,12 @@ VMAP_COST = 4.0
 MAX_EXACT_COST = 8.0
 #: ... and up to this many bytes of per-sample gradients held at once.
 MEMORY_BUDGET = 2**30
+
+#: Models the hooks backend failed on (an exception inside its pass), with the layer and why:
+#: ``"auto"`` no longer tries the hooks backend for them.
+FAILED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+#: Out-of-memory errors are re-raised as they are (torch.OutOfMemoryError is torch >= 2.5).
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 #: Choices already warned about, per model (one warning per model and choice).
 _WARNED: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
@@ -155,13 +165,13 @@ def resolve(
         return name
     model = stack.unwrap(model)
     for preferred, check in AUTO_PREFERENCE:
-        if check(model):
+        if not (preferred == "hooks" and model in FAILED) and check(model):
             return preferred
     choice, why = fallback_choice(model, batch_size, chunk_size, micro_batches)
     warned = _WARNED.setdefault(model, set())
     if choice not in warned:
         warned.add(choice)
-        missing = unsupported_layers(model)
+        missing = [FAILED[model]] if model in FAILED else unsupported_layers(model)
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         what = f"does not cover {missing[0]}{more}" if missing else "does not cover this model"
         warnings.warn(
@@ -182,18 +192,42 @@ def compute(
 ) -> tuple[str, GradStats]:
     """``(backend, stats)``: resolve ``name`` for ``model`` and this batch, and run the backend on
     the unwrapped model as :func:`stack.compute` does. When the hooks backend finds a gradient
-    it did not see, it hands the model to ``"vmap"`` and that is the name returned."""
+    it did not see, it hands the model to ``"vmap"`` and that is the name returned.
+
+    Any other exception inside the hooks backend's pass (a forward it cannot follow, a rule that
+    fails; out-of-memory errors excepted) is, for ``name="auto"``, a fallback: one
+    ``RuntimeWarning`` naming the layer and the exception, then :func:`fallback_choice`'s
+    backend for this and every later call on the model. For ``name="hooks"`` it raises
+    :class:`~local_opt.backends.hooks.failure.HooksBackendError` naming the layer.
+    """
     inner = stack.unwrap(model)
     first = inputs if isinstance(inputs, Tensor) else next(iter(inputs))
-    backend = resolve(
-        name,
-        inner,
-        int(first.shape[0]),
-        chunk_size=options.get("chunk_size", 32),
-        micro_batches=options.get("micro_batches", 4),
-    )
+    batch = int(first.shape[0])
+    chunk, micro = options.get("chunk_size", 32), options.get("micro_batches", 4)
+    backend = resolve(name, inner, batch, chunk_size=chunk, micro_batches=micro)
     was_uncovered = inner in UNCOVERED
-    stats = stack.compute(get(backend), inner, loss_fn, inputs, targets, **options)
+    try:
+        with contained():
+            stats = stack.compute(get(backend), inner, loss_fn, inputs, targets, **options)
+    except _OOM:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of the hooks pass is a fallback
+        if backend != "hooks":
+            raise
+        layer = failing_layer(inner, e)
+        if name != "auto":
+            raise HooksBackendError(layer, e) from e
+        FAILED[inner] = f"{layer} (the hooks pass failed there: {describe(e)})"
+        backend, why = fallback_choice(inner, batch, chunk, micro)
+        _WARNED.setdefault(inner, set()).add(backend)
+        warnings.warn(
+            f"VarianceTest(backend='auto'): the hooks backend failed on layer {layer!r} "
+            f"({describe(e)}); using {backend!r} for this model ({why})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        stats = stack.compute(get(backend), inner, loss_fn, inputs, targets, **options)
+        return backend, stats
     if backend == "hooks" and inner in UNCOVERED:
         if not was_uncovered:  # hooks_stats warned and used vmap; no second warning for it
             _WARNED.setdefault(inner, set()).add("vmap")

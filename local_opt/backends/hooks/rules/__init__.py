@@ -12,9 +12,11 @@ from local_opt.backends.hooks.rules import (  # noqa: F401
     conv_nd,
     diagonal,
     embedding,
+    hf,
     linear,
     norm,
     recurrent,
+    std_conv,
 )
 from local_opt.backends.hooks.rules.base import (
     Call,

@@ -51,6 +51,7 @@ from local_opt.backends.hooks.rules.base import (
     find_rule,
     sq_norms,
 )
+from local_opt.backends.hooks.rules.diagonal import DiagonalRule
 from local_opt.backends.hooks.rules.linear import FOLDABLE, LinearRule
 from local_opt.backends.stack import in_backward
 
@@ -211,12 +212,47 @@ class BareMode(TorchFunctionMode):
                 self._copies[id(out)] = (weakref.ref(out), row)
 
     def _supported(self, func, args, kwargs, static) -> bool:
+        if func is F.linear:  # a static weight and/or bias on a batch input
+            x, w, b = _linear_args(args, kwargs)
+            return not any(x is s for s in static) and isinstance(x, Tensor) and x.dim() >= 2
         if func is F.scaled_dot_product_attention:
             mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
             return all(s is mask for s in static) and mask.is_floating_point()
         return func in _ELEMENTWISE and not (func in _INPLACE and self._has(self._static, args[0]))
 
+    def _linear(self, args, kwargs, static):
+        """``F.linear(x, W, b)`` with a static ``W`` and/or ``b``: ``W`` becomes ``R`` copies,
+        one per row of ``x`` (a batched matmul, whose weight gradient is per row), and a static
+        ``b`` is added as an elementwise meeting op (see :meth:`_meet`)."""
+        x, w, b = _linear_args(args, kwargs)
+        w_static = any(w is s for s in static)
+        b_static = b is not None and any(b is s for s in static)
+        if not w_static or self.probe:
+            out = F.linear(x, w)
+            if self.probe and w_static:  # record the batch operand, as the output's rows
+                self.trace.uses.append(Use("linear", w, None, x.shape[0]))
+                self.trace.outputs.append(x.reshape(x.shape[0], -1).clone())
+        else:
+            rows = x.shape[0]
+            e = w.unsqueeze(0).expand(rows, *w.shape)
+            use = Use("linear", w.unsqueeze(0), e, rows)
+            if e.requires_grad:
+                use.edge = get_gradient_edge(e)
+                if self.on_use is not None:
+                    self.on_use(use)
+            self.trace.uses.append(use)
+            x3 = x.reshape(rows, -1, x.shape[-1])
+            out = torch.bmm(x3, e.transpose(1, 2)).reshape(*x.shape[:-1], w.shape[0])
+        if b is None:
+            return out
+        if not b_static:
+            return out + b
+        self._mark(self._batch, out)
+        return self._meet(torch.add, (out, b), {}, [out, b], [b])
+
     def _meet(self, func, args, kwargs, tensors, static):
+        if func is F.linear:
+            return self._linear(args, kwargs, static)
         if func is F.scaled_dot_product_attention:  # an additive mask on the scores
             q, k = args[0], args[1] if len(args) > 1 else kwargs["key"]
             shape = torch.Size((*q.shape[:-1], k.shape[-2]))
@@ -265,6 +301,12 @@ class BareMode(TorchFunctionMode):
         return func(*new_args, **new_kwargs)
 
 
+def _linear_args(args: tuple, kwargs: dict) -> tuple[Any, Any, Any]:
+    """``(input, weight, bias)`` of an ``F.linear`` call."""
+    bound = dict(zip(("input", "weight", "bias"), args), **kwargs)
+    return bound.get("input"), bound.get("weight"), bound.get("bias")
+
+
 def _rows(b: Tensor, shape: torch.Size) -> Tensor:
     """A batch operand as one row per output row (for the probe)."""
     if b.dim() == len(shape) and b.shape[0] == shape[0]:
@@ -302,22 +344,90 @@ def _first_samples(args: tuple, kwargs: dict | None) -> tuple[tuple, dict, int]:
     return tuple(tree_map(head, list(args))), tree_map(head, kwargs or {}), m
 
 
+# Per model, the (module, attribute) of its tensor caches (found once).
+_CACHES: weakref.WeakKeyDictionary[nn.Module, list[tuple[nn.Module, str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _tensor_caches(model: nn.Module) -> list[tuple[nn.Module, str, dict]]:
+    """Dictionaries of tensors that modules keep between forwards (LeViT's and EfficientFormer's
+    ``attention_bias_cache``, filled in eval mode): ``(module, attribute, dict)``."""
+    where = _CACHES.get(model)
+    if where is None:
+        where = [
+            (mod, k)
+            for mod in model.modules()
+            for k, v in vars(mod).items()
+            if isinstance(v, dict)
+            and not k.startswith("_")
+            and ("cache" in k or (v and all(isinstance(t, Tensor) for t in v.values())))
+            and all(isinstance(t, Tensor) for t in v.values())
+        ]
+        _CACHES[model] = where
+    return [(mod, k, getattr(mod, k)) for mod, k in where if isinstance(getattr(mod, k, None), dict)]
+
+
 @contextlib.contextmanager
-def _probing(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no grad for a probe's forward passes; every module's mode and every buffer
-    are restored afterwards."""
+def fresh_caches(model: nn.Module) -> Iterator[Callable[[], None]]:
+    """Within the block the modules' tensor caches (:func:`_tensor_caches`) are empty, so every
+    forward computes what they would hold from the parameters (the loose-parameter mode then
+    sees it); the returned function empties them again; the original ones are put back after."""
+    caches = _tensor_caches(model)
+
+    def empty() -> None:
+        for mod, k, _ in caches:
+            setattr(mod, k, {})
+
+    empty()
+    try:
+        yield empty
+    finally:
+        for mod, k, v in caches:
+            setattr(mod, k, v)
+
+
+@contextlib.contextmanager
+def _probing(model: nn.Module) -> Iterator[Callable[[], None]]:
+    """Eval mode and no grad for a probe's forward passes; every module's mode, every buffer and
+    every tensor cache are restored afterwards. Yields the function that empties the caches
+    (call it before each forward)."""
     modes = {mod: mod.training for mod in model.modules()}
     saved = {k: b.detach().clone() for k, b in model.named_buffers()}
     try:
-        model.eval()
-        with torch.no_grad():
-            yield
+        with fresh_caches(model) as empty:
+            model.eval()
+            with torch.no_grad():
+                yield empty
     finally:
         for mod, t in modes.items():
             mod.train(t)
         with torch.no_grad():
             for k, b in model.named_buffers():
                 b.copy_(saved[k])
+
+
+@contextlib.contextmanager
+def _sliced_copies(model: nn.Module, n: int, m: int) -> Iterator[None]:
+    """Within the block, per-sample copies of bare parameters that the pass put in place of the
+    parameters (``(n, ...)`` tensors that are not ``nn.Parameter``) are cut to ``m`` samples,
+    as the probe's inputs are."""
+    swapped = []
+    for mod in model.modules():
+        for k, t in mod._parameters.items():
+            if (
+                isinstance(t, Tensor)
+                and not isinstance(t, nn.Parameter)
+                and t.dim() >= 2
+                and t.shape[0] == n
+            ):
+                swapped.append((mod, k, t))
+                mod._parameters[k] = t[:m]
+    try:
+        yield
+    finally:
+        for mod, k, t in swapped:
+            mod._parameters[k] = t
 
 
 def find_off_batch(model: nn.Module, args: tuple, kwargs: dict | None = None) -> bool:
@@ -337,12 +447,15 @@ def find_off_batch(model: nn.Module, args: tuple, kwargs: dict | None = None) ->
         return False
     mode = BareMode([], [t for t in tree_flatten((small, small_kw))[0] if isinstance(t, Tensor)])
     fed: dict[nn.Module, bool] = {}
+    folded: list[nn.Module] = []  # run on k·N rows (MobileViT's patches, LeViT's BatchNorm)
 
     def record(mod: nn.Module, a: tuple) -> None:
         x = a[0] if a else None
         if isinstance(x, Tensor):
             on = mode._has(mode._batch, x) or (x.dim() > 0 and x.shape[0] == m)
             fed[mod] = fed.get(mod, False) or on
+            if on and x.dim() >= 2 and x.shape[0] != m:
+                folded.append(mod)
 
     handles = [mod.register_forward_pre_hook(record) for mod in covered]
     try:
@@ -353,8 +466,15 @@ def find_off_batch(model: nn.Module, args: tuple, kwargs: dict | None = None) ->
     finally:
         for h in handles:
             h.remove()
-    off = [mod for mod, on in fed.items() if not on]
+    # off the batch, or never called: its parameters are used functionally (BEiT's attention
+    # calls ``F.linear(x, self.qkv.weight, bias)`` itself) or not at all
+    off = [mod for mod in covered if not fed.get(mod, False)]
     OFF_BATCH.update(off)
+    if folded:  # which sample each row belongs to: probed (FOLDABLE), or the rules refuse
+        try:
+            check_rows(model, [], args, kwargs)
+        except Exception:  # noqa: BLE001 - the pass itself will report what fails
+            pass
     return bool(off)
 
 
@@ -367,13 +487,15 @@ def check_rows(
     samples, and again with one sample's input changed: only that sample's rows may change.
     """
     small, small_kw, m = _first_samples(args, kwargs)
+    n = int(args[0].shape[0])
     linears = [
         mod
         for mod in model.modules()
-        if isinstance(find_rule(mod), LinearRule) and mod not in OFF_BATCH
+        if isinstance(find_rule(mod), (LinearRule, DiagonalRule)) and mod not in OFF_BATCH
     ]
 
     def run(inputs: tuple) -> Trace:
+        empty()  # every run computes its cached tensors itself
         batch = [t for t in tree_flatten(inputs)[0] if isinstance(t, Tensor)]
         mode = BareMode(params, batch, probe=True)
 
@@ -394,7 +516,7 @@ def check_rows(
                 h.remove()
         return mode.trace
 
-    with _probing(model):
+    with _probing(model) as empty, _sliced_copies(model, n, m):
         base = run(small)
         if base.unsupported:
             return base.unsupported[0]
@@ -509,12 +631,18 @@ class BareRule(Rule):
 
                 use.expanded.register_hook(hook)
 
+            fresh = fresh_caches(model)  # cached tensors are computed under the mode
+            fresh.__enter__()
+            state["fresh"] = fresh
             mode = BareMode(params, inputs, on_use=on_use)
             mode.__enter__()
             state["mode"] = mode
 
         def post(module: nn.Module, args: tuple, output: Any) -> None:
             mode = state.pop("mode", None)
+            fresh = state.pop("fresh", None)
+            if fresh is not None:
+                fresh.__exit__(None, None, None)
             if mode is None:
                 return
             mode.__exit__(None, None, None)

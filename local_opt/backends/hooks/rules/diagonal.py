@@ -21,6 +21,7 @@ from local_opt.backends.hooks.rules.base import (
     register_named,
     sq_norms,
 )
+from local_opt.backends.hooks.rules.linear import FOLDABLE
 
 __all__: list[str] = []  # private module
 
@@ -51,12 +52,24 @@ class DiagonalRule(Rule):
                 continue
             ref = next(iter(per.values()))
             delta = c.delta.to(ref.dtype)
+            rows = delta.shape[0] if delta.dim() else n
+            if rows != n and (site.module not in FOLDABLE or rows % n):
+                raise RuntimeError(
+                    f"The hooks backend cannot tell which of {n} samples each of the {rows} "
+                    f"input rows of {site.name} belongs to"
+                )
+
+            def fold(t: Tensor, rows: int = rows) -> Tensor:  # k·N sample-major rows -> N
+                return t if rows == n else t.reshape(n, rows // n, *t.shape[1:]).sum(1)
+
             if "weight" in per:
-                per["weight"] += self.weight_grads(
-                    site.module, c.inputs.to(ref.dtype), delta, per["weight"].shape[1:], c
+                per["weight"] += fold(
+                    self.weight_grads(
+                        site.module, c.inputs.to(ref.dtype), delta, per["weight"].shape[1:], c
+                    )
                 )
             if "bias" in per:
-                per["bias"] += self.to_param(site.module, delta, per["bias"].shape[1:])
+                per["bias"] += fold(self.to_param(site.module, delta, per["bias"].shape[1:]))
         sq = sum(sq_norms(g) for g in per.values())
         grad_sum = {name: g.sum(0) for name, g in per.items()}
 

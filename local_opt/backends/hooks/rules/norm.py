@@ -104,7 +104,9 @@ register(LayerNormRule(), nn.LayerNorm)
 register(GroupNormRule(), nn.GroupNorm)
 register(BatchNormRule(), nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 register_named(LayerNormRule(), "timm.layers.norm.LayerNorm")
-register_named(LayerNorm2dRule(), "timm.layers.norm.LayerNorm2d")
+register_named(
+    LayerNorm2dRule(), "timm.layers.norm.LayerNorm2d", "torchvision.models.convnext.LayerNorm2d"
+)
 register_named(GroupNormRule(), "timm.layers.norm.GroupNorm", "timm.layers.norm.GroupNorm1")
 register_named(BatchNormActRule(), "timm.layers.norm_act.BatchNormAct2d")
 
