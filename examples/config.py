@@ -107,7 +107,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="lm, shakespeare: test on at most this many evenly spaced windows of the test text "
-        "(0: all) (default: 0; 2048 for shakespeare)",
+        "(0: all) (default: 0; 1024 for shakespeare)",
     )
     g.add_argument(
         "--data-dir",
