@@ -9,9 +9,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tasks  # noqa: E402
 
-from local_opt import LRCoupling  # noqa: E402
+from local_opt.lr import RULES as LR_RULES  # noqa: E402
 
-STRATEGIES = ("adaptive", "constant", "stagewise", "linear")
+STRATEGIES = ("adaptive", "constant", "stagewise", "linear", "doubling")
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
@@ -218,11 +218,13 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--lr-coupling",
-        default="none",
-        choices=LRCoupling.RULES,
-        help="multiply the learning rate by local_opt.LRCoupling's factor for the current batch "
-        "size b: none; sqrt: (b / b_ref)^1/2; linear: b / b_ref; adascale: AdaScale's gain ratio "
-        "from the variance test's estimates (adaptive only) (default: none)",
+        default="auto",
+        choices=("auto", *LR_RULES),
+        help="multiply the learning rate during each step by a factor for the current batch size "
+        "b (local_opt.lr; the same rule for every strategy): auto: the library's default for the "
+        "optimizer; none; sqrt: (b / b_ref)^1/2; linear: b / b_ref; adascale: AdaScale's gain "
+        "ratio from the variance test's estimates (baselines run an observe-only test); seesaw: "
+        "(b / b_ref)^k capped at the schedule's peak, k = 1/2 for adamw, 1 for sgd (default: auto)",
     )
     g.add_argument(
         "--lr-ref-batch-size",
@@ -244,7 +246,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         default="adaptive",
         choices=STRATEGIES,
         help="adaptive: variance test; constant; stagewise: x --factor at "
-        "--milestones; linear: ramp to --max-batch-size (default: adaptive)",
+        "--milestones; linear: ramp to --max-batch-size; doubling: x2 at --doubling-at fractions "
+        "of the sample budget, sqrt(2) on the learning rate each time unless --lr-coupling says "
+        "otherwise (default: adaptive)",
     )
     g.add_argument(
         "--batch-size",
@@ -321,6 +325,14 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         type=float,
         default=2.0,
         help="stagewise: multiplier at each milestone (default: 2)",
+    )
+    g.add_argument(
+        "--doubling-at",
+        type=float,
+        nargs="*",
+        default=None,
+        help="doubling: fractions of the sample budget at which the batch doubles (default: "
+        "evenly spaced, one per doubling from --batch-size to --max-batch-size)",
     )
     g.add_argument(
         "--ramp-rounds",
@@ -437,14 +449,30 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> argparse
         p.error("--stop-at-target needs --target-acc or --target-loss")
     if args.target_acc is not None and args.target_loss is not None:
         p.error("give --target-acc or --target-loss, not both")
-    if args.lr_coupling == "adascale" and args.strategy != "adaptive":
-        p.error("--lr-coupling adascale needs --strategy adaptive (its variance estimates)")
+    if args.doubling_at is not None and (
+        any(not 0 < f < 1 for f in args.doubling_at)
+        or sorted(set(args.doubling_at)) != args.doubling_at
+    ):
+        p.error(f"invalid --doubling-at: {args.doubling_at} (increasing fractions in (0, 1))")
+    if args.strategy == "doubling" and args.lr_coupling == "auto":
+        args.lr_coupling = "sqrt"  # the rule that defines the doubling baseline
     if args.text_file and args.dataset != "lm":
         p.error("--text-file needs --dataset lm")
     if not args.img_size:
         args.img_size = {"digits": 16, "fmnist": 28}.get(args.dataset, 32)
     args.name = args.name or args.strategy
     return args
+
+
+def doubling_milestones(args: argparse.Namespace, budget: int) -> list[int]:
+    """The sample counts at which --strategy doubling doubles the batch: --doubling-at times the
+    budget, or one per doubling from --batch-size to --max-batch-size, evenly spaced in samples."""
+    if args.doubling_at is not None:
+        fractions = args.doubling_at
+    else:
+        n = max(0, (args.max_batch_size // args.batch_size).bit_length() - 1)  # floor(log2)
+        fractions = [j / (n + 1) for j in range(1, n + 1)]
+    return sorted({max(1, round(f * budget)) for f in fractions})
 
 
 def target_of(args: argparse.Namespace) -> tuple[str, float | None, bool]:

@@ -19,7 +19,10 @@ and perplexity. Every task has training, validation and test splits: targets (--
 
 Each round is H steps at the batch size the policy chose after the previous round; the short last
 batch of an epoch is skipped (the same on every rank; BatchNorm cannot train on a single sample).
-The learning rate follows a warm-up then cosine decay indexed by the samples seen by all workers.
+The learning rate follows a warm-up then cosine decay indexed by the samples seen by all workers
+(local_opt.SampleLR), and the batch-size policy multiplies it during each step by the factor of
+--lr-coupling for its current batch size (default auto: the library's default rule, the same for
+every strategy; none turns it off).
 
 Writes to --out: metrics.jsonl (one line per round), summary.json, plot.png, model_final.pt and
 per-rank checkpoints ckpt/rank{r}.pt every --ckpt-every rounds (continue with --resume).
@@ -46,14 +49,17 @@ from runlog import RunLog  # noqa: E402
 
 from local_opt import (  # noqa: E402
     ConstantBatchSize,
+    DoublingBatchSize,
     LinearRampBatchSize,
     LocalOptimizer,
-    LRCoupling,
+    SampleLR,
     StagewiseBatchSize,
     VarianceTest,
     load_checkpoint,
     save_checkpoint,
+    warmup_cosine,
 )
+from local_opt.lr import resolve_rule  # noqa: E402
 from samplers import AdaptiveBatchSampler  # noqa: E402
 
 build_parser = config.build_parser  # for --help and the tests
@@ -63,15 +69,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return config.parse_args(argv, description=__doc__)
 
 
-def make_policy(args: argparse.Namespace, model: nn.Module, loss_fn: Any) -> Any:
+def make_policy(
+    args: argparse.Namespace,
+    model: nn.Module,
+    loss_fn: Any,
+    optimizer: torch.optim.Optimizer | None = None,
+    world_size: int = 1,
+    budget: int = 0,
+) -> Any:
     """The object whose ``suggest(x, y, b)`` gives the next round's per-worker batch size.
 
     The variance test gets only the thresholds given on the command line: the others keep
-    VarianceTest's defaults.
+    VarianceTest's defaults. With ``optimizer``, the policy also couples its learning rate to the
+    batch size (--lr-coupling, default ``auto``: the library's default; the baselines resolve it
+    the same way, and for ``adascale`` run an observe-only variance test for its estimates).
     """
+    coupling: dict[str, Any] = {}
+    if optimizer is not None:
+        coupling = {"optimizer": optimizer, "lr_coupling": args.lr_coupling}
+        if args.lr_ref_batch_size:
+            coupling["base_batch_size"] = args.lr_ref_batch_size
+    names = ("eta", "theta", "nu", "policy", "min_dof")
+    given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.strategy == "adaptive":
-        names = ("eta", "theta", "nu", "policy", "min_dof")
-        given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
         return VarianceTest(
             model,
             loss_fn,
@@ -80,14 +100,35 @@ def make_policy(args: argparse.Namespace, model: nn.Module, loss_fn: Any) -> Any
             backend=args.vt_backend,
             every=args.test_every,
             **given,
+            **coupling,
+        )
+    ref = args.lr_ref_batch_size or args.batch_size
+    needs_estimates = args.strategy != "constant" or ref != args.batch_size
+    if coupling and needs_estimates and resolve_rule(args.lr_coupling, optimizer) == "adascale":
+        given.pop("policy", None)  # observe-only: the decision is ignored, the estimates used
+        coupling["variance_test"] = VarianceTest(
+            model, loss_fn, test=args.test, backend=args.vt_backend, **given
         )
     if args.strategy == "constant":
-        return ConstantBatchSize(args.batch_size)
+        return ConstantBatchSize(args.batch_size, **coupling)
     if args.strategy == "stagewise":
         return StagewiseBatchSize(
-            args.batch_size, args.milestones, args.factor, max_batch_size=args.max_batch_size
+            args.batch_size,
+            args.milestones,
+            args.factor,
+            max_batch_size=args.max_batch_size,
+            **coupling,
         )
-    return LinearRampBatchSize(args.batch_size, args.max_batch_size, args.ramp_rounds)
+    if args.strategy == "doubling":
+        return DoublingBatchSize(
+            args.batch_size,
+            config.doubling_milestones(args, budget),
+            world_size=world_size,
+            steps_per_round=args.sync_every,
+            max_batch_size=args.max_batch_size,
+            **coupling,
+        )
+    return LinearRampBatchSize(args.batch_size, args.max_batch_size, args.ramp_rounds, **coupling)
 
 
 def make_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
@@ -130,12 +171,10 @@ class Trainer:
         self.loader = DataLoader(
             task.train, batch_sampler=self.sampler, collate_fn=_common.collate_batch
         )
-        self.policy = make_policy(args, self.model, task.loss_fn)
-        self.coupling = LRCoupling(
-            args.lr_coupling,
-            args.lr_ref_batch_size or args.batch_size,
-            variance_test=self.policy if args.lr_coupling == "adascale" else None,
-        )
+        self.policy = make_policy(args, self.model, task.loss_fn, self.opt, self.world, self.budget)
+        # Warm-up then cosine over the sample budget; the policy scales it during each step.
+        self.lr_schedule = SampleLR(self.opt, warmup_cosine(args.warmup, args.min_lr), self.budget)
+        self.step_lr = self.opt.param_groups[0]["lr"]  # of the last step, coupling included
 
         os.makedirs(os.path.join(args.out, "ckpt"), exist_ok=True)
         self.ckpt_path = os.path.join(args.out, "ckpt", f"rank{self.rank}.pt")
@@ -169,6 +208,7 @@ class Trainer:
             optimizer=self.opt,
             sampler=self.sampler,
             policy=self.policy,
+            lr_schedule=self.lr_schedule,
         )
         if extra["world_size"] != self.world:
             raise ValueError(
@@ -211,16 +251,15 @@ class Trainer:
         return self._finish() if self.rank == 0 else None
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> None:
-        args = self.args
-        lr = _common.lr_at(
-            self.samples + self.world * len(y), self.budget, args.lr, args.warmup, args.min_lr
-        ) * self.coupling.factor(self.sampler.batch_size)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        # The schedule at the samples seen after this step; the policy's coupling multiplies it
+        # during opt.step() (and restores it after).
+        self.lr_schedule.step(self.world * len(y))
         self.opt.zero_grad()
         loss = self.task.loss_fn(self.model(x), y)
         loss.backward()
         self.opt.step()  # every H-th step ends with a round: the models are averaged
+        factors = getattr(self.policy, "last_lr_factors", None) or [1.0]
+        self.step_lr = self.opt.param_groups[0]["lr"] * factors[0]
         self.samples += self.world * len(y)  # every rank's batch has the same size
         self.loss_sum, self.loss_count = self.loss_sum + loss.item(), self.loss_count + 1
         self.round_hash = _common.order_hash(idx, self.round_hash)
@@ -243,7 +282,7 @@ class Trainer:
             "samples": self.samples,
             "batch_size": b,
             "next_batch_size": sampler.batch_size,
-            "lr": opt.param_groups[0]["lr"],
+            "lr": self.step_lr,
             "train_loss": t[0].item() / max(t[1].item(), 1.0),
             "bytes_communicated": opt.bytes_communicated,
             "order_hash": f"{_common.order_hash(t[2:].to(torch.int64)):08x}",
@@ -292,6 +331,7 @@ class Trainer:
             optimizer=self.opt,
             sampler=self.sampler,
             policy=self.policy,
+            lr_schedule=self.lr_schedule,
         )
 
     def _finish(self) -> dict[str, Any]:

@@ -2,9 +2,11 @@
 
 from local_opt.backends.hooks import StatsCapture
 from local_opt.checkpoint import load_checkpoint, save_checkpoint
+from local_opt.lr import SampleLR, warmup_cosine
 from local_opt.optimizer import LocalOptimizer
 from local_opt.schedules import (
     ConstantBatchSize,
+    DoublingBatchSize,
     LinearRampBatchSize,
     LRCoupling,
     StagewiseBatchSize,
@@ -18,7 +20,10 @@ __all__ = [
     "ConstantBatchSize",
     "StagewiseBatchSize",
     "LinearRampBatchSize",
+    "DoublingBatchSize",
     "LRCoupling",
+    "SampleLR",
+    "warmup_cosine",
     "save_checkpoint",
     "load_checkpoint",
 ]

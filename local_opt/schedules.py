@@ -14,6 +14,18 @@ scheduler's ``step()`` (``StagewiseBatchSize(b, milestones=[10], factor=2)`` ret
 calls 1–9 and ``2b`` from the 10th call on, as ``MultiStepLR`` would). ``inputs``, ``targets``
 and ``batch_size`` are accepted for interface compatibility and ignored: the schedule alone
 decides.
+
+**Learning-rate coupling.** Given ``optimizer=...``, a schedule multiplies the optimizer's learning
+rate during each step by the factor of ``lr_coupling`` for its current batch size relative to
+``base_batch_size`` (default: its round-0 batch size), exactly as
+:class:`~local_opt.VarianceTest` does (:mod:`local_opt.lr`; the same default ``"auto"``), so that
+a baseline and the adaptive test compared with the same rule differ only in their batch sizes.
+``"adascale"`` needs noise estimates, which a schedule does not make: pass
+``variance_test=VarianceTest(model, loss_fn)`` (built without ``optimizer``), which each
+``suggest(inputs, targets, batch_size)`` then runs in *observe-only* mode — its moving averages
+are updated, its decision is ignored — at the cost of one test per round; without it a schedule
+whose batch can change refuses ``"adascale"`` with a ``ValueError``.
+:class:`DoublingBatchSize` defaults to ``"sqrt"``, the rule that defines it.
 """
 
 from __future__ import annotations
@@ -24,11 +36,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
+from torch.optim import Optimizer
 
 from local_opt._validate import is_int
-from local_opt.policy import adascale_gain
+from local_opt.lr import _Coupling, lr_factor, resolve_rule
 
-__all__ = ["ConstantBatchSize", "StagewiseBatchSize", "LinearRampBatchSize", "LRCoupling"]
+__all__ = [
+    "ConstantBatchSize",
+    "StagewiseBatchSize",
+    "LinearRampBatchSize",
+    "DoublingBatchSize",
+    "LRCoupling",
+]
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -38,11 +57,80 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 
 class _Schedule:
-    """Round counter, ``suggest`` and ``state_dict`` shared by the schedules."""
+    """Round counter, ``suggest``, ``state_dict`` and the learning-rate coupling shared by the
+    schedules."""
 
     def __init__(self) -> None:
         self.round = 0  # rounds completed = calls of suggest
         self.last_stats: dict[str, Any] = {}
+        self.lr_coupling = "none"
+        self.variance_test: Any = None
+        self._base_batch: int | None = None
+        self._coupling = _Coupling(None, "none", self._coupled_batch_sizes)
+
+    def _couple(
+        self,
+        optimizer: Optimizer | None,
+        lr_coupling: str,
+        base_batch_size: int | None,
+        variance_test: Any,
+    ) -> None:
+        """Set up the coupling; called at the end of a subclass's ``__init__``."""
+        rule = resolve_rule(lr_coupling, optimizer)
+        if base_batch_size is not None:
+            base_batch_size = _check_int("base_batch_size", base_batch_size, 1)
+        self._base_batch = base_batch_size
+        if variance_test is not None:
+            if not callable(getattr(variance_test, "noise_estimates", None)):
+                raise ValueError(
+                    f"Invalid variance_test: {variance_test!r} (expected a VarianceTest)"
+                )
+            if getattr(variance_test, "_coupling", None) is not None and (
+                variance_test._coupling.optimizer is not None
+                and variance_test.lr_coupling != "none"
+            ):
+                raise RuntimeError(
+                    "Invalid variance_test: it couples an optimizer's learning rate itself; build "
+                    "the observe-only test without optimizer="
+                )
+        if (
+            optimizer is not None
+            and rule == "adascale"
+            and variance_test is None
+            and self._may_change()
+        ):
+            raise ValueError(
+                f"Invalid lr_coupling: {lr_coupling!r} means 'adascale' here, which needs noise "
+                "estimates: pass variance_test=VarianceTest(model, loss_fn) (observe-only, its "
+                "decisions are ignored) or choose another rule, e.g. lr_coupling='sqrt'"
+            )
+        self.lr_coupling = rule
+        self.variance_test = variance_test if rule == "adascale" else None
+        estimates = None if self.variance_test is None else self.variance_test.noise_estimates
+        self._coupling = _Coupling(optimizer, rule, self._coupled_batch_sizes, estimates)
+
+    def _may_change(self) -> bool:
+        """Whether the batch can differ from the base batch size (else every factor is 1)."""
+        return True
+
+    def _coupled_batch_sizes(self) -> tuple[int | None, int | None]:
+        base = self.batch_size_at(0) if self._base_batch is None else self._base_batch
+        return base, self.batch_size_at(self.round)
+
+    @property
+    def base_batch_size(self) -> int:
+        """:math:`b_0` of the learning-rate coupling."""
+        return self._coupled_batch_sizes()[0]  # type: ignore[return-value]
+
+    def lr_factor(self, group: int = 0) -> float:
+        """The factor the learning rate of param group ``group`` is multiplied by in the coming
+        ``optimizer.step()``."""
+        return self._coupling.factor(group)
+
+    @property
+    def last_lr_factors(self) -> list[float]:
+        """The factors applied in the last ``optimizer.step()``, one per param group."""
+        return list(self._coupling.last_factors)
 
     def batch_size_at(self, r: int) -> int:
         """The batch size of round ``r`` (round 0: the initial batch size)."""
@@ -51,21 +139,50 @@ class _Schedule:
     def suggest(
         self, inputs: Tensor | None = None, targets: Tensor | None = None, batch_size: Any = None
     ) -> int:
-        """Advance one round and return its batch size (the arguments are ignored)."""
+        """Advance one round and return its batch size.
+
+        The arguments are ignored, except with ``lr_coupling="adascale"``, where the observe-only
+        ``variance_test`` runs on ``inputs`` and ``targets`` (a collective call, like
+        :meth:`VarianceTest.suggest`).
+        """
+        if self.variance_test is not None:
+            if inputs is None or targets is None:
+                raise ValueError(
+                    "Invalid inputs/targets: lr_coupling='adascale' runs the observe-only "
+                    "variance_test on them; got None"
+                )
+            current = self.batch_size_at(self.round)
+            self.variance_test.suggest(inputs, targets, current)  # decision ignored
         self.round += 1
         b = self.batch_size_at(self.round)
         self.last_stats = {"schedule": type(self).__name__, "round": self.round, "suggested": b}
+        if self.variance_test is not None:
+            est = self.variance_test.noise_estimates()
+            if est is not None:
+                self.last_stats["noise_scale"] = est["noise_scale"]
         return b
 
     def state_dict(self) -> dict[str, Any]:
-        """The round counter."""
-        return {"round": self.round}
+        """The round counter, the coupling's state and the observe-only test's."""
+        state: dict[str, Any] = {"round": self.round}
+        if self._coupling.optimizer is not None:
+            state["lr_coupling"] = self._coupling.state_dict()
+        if self.variance_test is not None:
+            state["variance_test"] = self.variance_test.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the round counter of :meth:`state_dict`."""
+        """Restore :meth:`state_dict`'s round counter, coupling and observe-only test."""
         if "round" not in state_dict:
             raise ValueError("Invalid state_dict: missing key 'round'")
-        self.round = _check_int("round", state_dict["round"], 0)
+        rnd = _check_int("round", state_dict["round"], 0)
+        coupling = state_dict.get("lr_coupling", {})
+        if not isinstance(coupling, dict):
+            raise ValueError(f"Invalid state_dict: lr_coupling={coupling!r}")
+        self._coupling.load_state_dict(coupling)
+        if self.variance_test is not None and "variance_test" in state_dict:
+            self.variance_test.load_state_dict(state_dict["variance_test"])
+        self.round = rnd
 
 
 class ConstantBatchSize(_Schedule):
@@ -73,6 +190,14 @@ class ConstantBatchSize(_Schedule):
 
     Args:
         batch_size (int): per-worker batch size.
+        optimizer (Optimizer, optional): the optimizer whose learning rate is coupled to the
+            batch size during each step (default: None, no coupling).
+        lr_coupling (str): ``"auto"``, ``"none"``, ``"sqrt"``, ``"linear"``, ``"adascale"`` or
+            ``"seesaw"`` (:mod:`local_opt.lr`; default: ``"auto"``, as VarianceTest).
+        base_batch_size (int, optional): :math:`b_0` of the coupling, the batch size the learning
+            rate was tuned for (default: None, the round-0 batch size).
+        variance_test (VarianceTest, optional): observe-only noise estimates for
+            ``"adascale"`` (see the module's docstring).
 
     Example::
 
@@ -80,9 +205,21 @@ class ConstantBatchSize(_Schedule):
         >>> sampler.set_batch_size(schedule.suggest(x, y, sampler.batch_size))  # 64
     """
 
-    def __init__(self, batch_size: int) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        *,
+        optimizer: Optimizer | None = None,
+        lr_coupling: str = "auto",
+        base_batch_size: int | None = None,
+        variance_test: Any = None,
+    ) -> None:
         super().__init__()
         self.batch_size = _check_int("batch_size", batch_size, 1)
+        self._couple(optimizer, lr_coupling, base_batch_size, variance_test)
+
+    def _may_change(self) -> bool:
+        return self._base_batch is not None and self._base_batch != self.batch_size
 
     def batch_size_at(self, r: int) -> int:
         return self.batch_size
@@ -104,6 +241,14 @@ class StagewiseBatchSize(_Schedule):
             is multiplied.
         factor (float): multiplier at each milestone, >= 1 (default: 2).
         max_batch_size (int, optional): cap (default: None, no cap).
+        optimizer (Optimizer, optional): the optimizer whose learning rate is coupled to the
+            batch size during each step (default: None, no coupling).
+        lr_coupling (str): ``"auto"``, ``"none"``, ``"sqrt"``, ``"linear"``, ``"adascale"`` or
+            ``"seesaw"`` (:mod:`local_opt.lr`; default: ``"auto"``, as VarianceTest).
+        base_batch_size (int, optional): :math:`b_0` of the coupling, the batch size the learning
+            rate was tuned for (default: None, the round-0 batch size).
+        variance_test (VarianceTest, optional): observe-only noise estimates for
+            ``"adascale"`` (see the module's docstring).
 
     Example::
 
@@ -118,6 +263,11 @@ class StagewiseBatchSize(_Schedule):
         milestones: Sequence[int],
         factor: float = 2.0,
         max_batch_size: int | None = None,
+        *,
+        optimizer: Optimizer | None = None,
+        lr_coupling: str = "auto",
+        base_batch_size: int | None = None,
+        variance_test: Any = None,
     ) -> None:
         super().__init__()
         self.batch_size = _check_int("batch_size", batch_size, 1)
@@ -135,6 +285,7 @@ class StagewiseBatchSize(_Schedule):
         self.milestones = ms
         self.factor = factor
         self.max_batch_size = max_batch_size
+        self._couple(optimizer, lr_coupling, base_batch_size, variance_test)
 
     def batch_size_at(self, r: int) -> int:
         stage = sum(1 for m in self.milestones if m <= r)
@@ -162,6 +313,14 @@ class LinearRampBatchSize(_Schedule):
         start (int): per-worker batch size of round 0.
         end (int): batch size from round ``ramp_rounds`` on (>= ``start``).
         ramp_rounds (int): length of the ramp in rounds (>= 1).
+        optimizer (Optimizer, optional): the optimizer whose learning rate is coupled to the
+            batch size during each step (default: None, no coupling).
+        lr_coupling (str): ``"auto"``, ``"none"``, ``"sqrt"``, ``"linear"``, ``"adascale"`` or
+            ``"seesaw"`` (:mod:`local_opt.lr`; default: ``"auto"``, as VarianceTest).
+        base_batch_size (int, optional): :math:`b_0` of the coupling, the batch size the learning
+            rate was tuned for (default: None, the round-0 batch size).
+        variance_test (VarianceTest, optional): observe-only noise estimates for
+            ``"adascale"`` (see the module's docstring).
 
     Example::
 
@@ -170,13 +329,24 @@ class LinearRampBatchSize(_Schedule):
         [16, 28, 40, 52, 64, 64]
     """
 
-    def __init__(self, start: int, end: int, ramp_rounds: int) -> None:
+    def __init__(
+        self,
+        start: int,
+        end: int,
+        ramp_rounds: int,
+        *,
+        optimizer: Optimizer | None = None,
+        lr_coupling: str = "auto",
+        base_batch_size: int | None = None,
+        variance_test: Any = None,
+    ) -> None:
         super().__init__()
         self.start = _check_int("start", start, 1)
         self.end = _check_int("end", end, 1)
         if self.end < self.start:
             raise ValueError(f"Invalid end: {end} (expected >= start={start})")
         self.ramp_rounds = _check_int("ramp_rounds", ramp_rounds, 1)
+        self._couple(optimizer, lr_coupling, base_batch_size, variance_test)
 
     def batch_size_at(self, r: int) -> int:
         r = min(max(r, 0), self.ramp_rounds)
@@ -186,6 +356,101 @@ class LinearRampBatchSize(_Schedule):
         return (
             f"LinearRampBatchSize(start={self.start}, end={self.end}, "
             f"ramp_rounds={self.ramp_rounds})"
+        )
+
+
+class DoublingBatchSize(_Schedule):
+    r"""Double the batch size at sample milestones, the learning rate times :math:`\sqrt 2` each
+    time: OLMo-core's batch-size warm-up as a baseline.
+
+    The samples consumed are counted by the schedule itself: round :math:`k` consumes
+    :math:`n_k = M H b_k` samples (``world_size`` :math:`M`, ``steps_per_round`` :math:`H`), and
+    with :math:`s_r = \sum_{k<r} n_k` the samples consumed before round :math:`r`,
+
+    .. math::
+        b_r = \min\big(b_{\max},\ b \cdot 2^{\,|\{j : \text{milestone}_j \le s_r\}|}\big),
+        \qquad \text{lr}_r = \text{lr}^{\text{sched}}_r \cdot \sqrt{b_r / b}
+
+    (the second with the default ``lr_coupling="sqrt"``: a factor :math:`\sqrt 2` at each
+    doubling, as in OLMo-core's batch-size warm-up; Merrill et al., 2025). A batch at the cap stops doubling and so does the
+    learning rate. Index the learning-rate schedule itself by samples (:class:`~local_opt.SampleLR`)
+    so that it still ends at the end of the budget.
+
+    Args:
+        batch_size (int): per-worker batch size of round 0.
+        milestones (sequence of int): strictly increasing sample counts (of all workers together,
+            >= 1) at which the batch doubles.
+        world_size (int): :math:`M`, workers (default: 1).
+        steps_per_round (int): :math:`H`, optimizer steps per round (``sync_every``; default: 1).
+        max_batch_size (int, optional): cap (default: None, no cap).
+        optimizer (Optimizer, optional): the optimizer whose learning rate is coupled
+            (default: None).
+        lr_coupling (str): the coupling rule (default: ``"sqrt"``, the rule of this baseline;
+            ``"none"`` for the batch schedule alone).
+        base_batch_size (int, optional): :math:`b_0` of the coupling (default: ``batch_size``).
+        variance_test (VarianceTest, optional): observe-only estimates for ``"adascale"``.
+
+    Example::
+
+        >>> schedule = DoublingBatchSize(16, milestones=[1000, 3000], world_size=2,
+        ...                              steps_per_round=8, optimizer=opt)
+        >>> [schedule.batch_size_at(r) for r in (0, 3, 4, 7, 8)]  # 256 samples a round at b=16
+        [16, 16, 32, 32, 64]
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        milestones: Sequence[int],
+        *,
+        world_size: int = 1,
+        steps_per_round: int = 1,
+        max_batch_size: int | None = None,
+        optimizer: Optimizer | None = None,
+        lr_coupling: str = "sqrt",
+        base_batch_size: int | None = None,
+        variance_test: Any = None,
+    ) -> None:
+        super().__init__()
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence):
+            raise ValueError(f"Invalid milestones: {milestones!r} (expected a sequence of ints)")
+        ms = [_check_int("milestones", m, 1) for m in milestones]
+        if any(b <= a for a, b in zip(ms, ms[1:])):
+            raise ValueError(f"Invalid milestones: {list(milestones)} (must strictly increase)")
+        self.milestones = ms
+        self.world_size = _check_int("world_size", world_size, 1)
+        self.steps_per_round = _check_int("steps_per_round", steps_per_round, 1)
+        if max_batch_size is not None:
+            max_batch_size = _check_int("max_batch_size", max_batch_size, 1)
+        self.max_batch_size = max_batch_size
+        self._sizes = [self._size(0)]  # batch size of each round so far (a cache)
+        self._samples = [0]  # samples consumed before each round
+        self._couple(optimizer, lr_coupling, base_batch_size, variance_test)
+
+    def _size(self, samples: int) -> int:
+        b = self.batch_size * 2 ** sum(1 for m in self.milestones if m <= samples)
+        return b if self.max_batch_size is None else min(self.max_batch_size, b)
+
+    def samples_before(self, r: int) -> int:
+        """:math:`s_r`, the samples consumed before round ``r``."""
+        self.batch_size_at(r)
+        return self._samples[max(r, 0)]
+
+    def batch_size_at(self, r: int) -> int:
+        r = max(r, 0)
+        while len(self._sizes) <= r:
+            s = self._samples[-1] + self.world_size * self.steps_per_round * self._sizes[-1]
+            self._samples.append(s)
+            self._sizes.append(self._size(s))
+        return self._sizes[r]
+
+    def __repr__(self) -> str:
+        cap = "" if self.max_batch_size is None else f", max_batch_size={self.max_batch_size}"
+        return (
+            f"DoublingBatchSize(batch_size={self.batch_size}, milestones={self.milestones}, "
+            f"world_size={self.world_size}, steps_per_round={self.steps_per_round}{cap}, "
+            f"lr_coupling={self.lr_coupling!r})"
         )
 
 
@@ -217,9 +482,10 @@ class LRCoupling:
 
     Which one: measured on the project's char-level LM (AdamW, :math:`\eta = 2`, equal sample
     budget), the final validation loss was 1.980 without coupling, 1.797 with ``"sqrt"`` and
-    1.695 with ``"adascale"`` (constant small batch: 1.710), so ``"adascale"`` is the one to
-    try first; there is no default because :class:`~local_opt.VarianceTest` never changes the
-    learning rate by itself.
+    1.695 with ``"adascale"`` (constant small batch: 1.710). :class:`~local_opt.VarianceTest`
+    and the schedules now apply the same factors themselves when given ``optimizer=...``
+    (``lr_coupling="auto"`` by default, :mod:`local_opt.lr`); this class remains for loops that
+    set the learning rate by hand.
 
     Args:
         rule (str): ``"none"``, ``"sqrt"``, ``"linear"`` or ``"adascale"``.
@@ -252,16 +518,17 @@ class LRCoupling:
     def factor(self, batch_size: int) -> float:
         """The learning-rate multiplier for per-worker batch size ``batch_size``."""
         scale = _check_int("batch_size", batch_size, 1) / self.base_batch_size
-        if self.rule == "none":
-            return 1.0
-        if self.rule == "sqrt":
-            return math.sqrt(scale)
-        if self.rule == "linear":
-            return scale
+        if self.rule != "adascale":
+            return lr_factor(self.rule, scale)
         est = self.variance_test.noise_estimates()
         if est is None:
             return 1.0
-        return adascale_gain(est["variance"] / self.base_batch_size, est["sq_norm"], scale)
+        return lr_factor(
+            "adascale",
+            scale,
+            variance=est["variance"] / self.base_batch_size,
+            sq_norm=est["sq_norm"],
+        )
 
     def __repr__(self) -> str:
         return f"LRCoupling(rule={self.rule!r}, base_batch_size={self.base_batch_size})"

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from local_opt import _comm, _stats, backends
 from local_opt._validate import is_int
@@ -17,6 +18,7 @@ from local_opt.backends.hooks import StatsCapture
 from local_opt.backends.microbatch import stats_from_micro_batch_grads
 from local_opt.backends.recorder import MicroBatchRecorder, Workspace
 from local_opt.backends.vmap import uses_batch_statistics
+from local_opt.lr import _Coupling, resolve_rule
 from local_opt.policy import EMA, debiased_sq_norm, next_batch_size, robust_sq_norm
 
 __all__ = ["VarianceTest"]
@@ -113,6 +115,40 @@ class VarianceTest:
     The batch moves only when the test asks for more than ``1 + hysteresis`` times it, by at
     most ``growth`` times per round, rounded to ``multiple_of``, never above the cap (the cap
     always wins, also on kept and skipped rounds) and never down.
+
+    **Learning-rate coupling, on by default.** Given ``optimizer=...`` (a
+    :class:`~local_opt.LocalOptimizer` or any ``torch.optim.Optimizer``), the test multiplies
+    every param group's learning rate *during* each ``optimizer.step()`` by a factor
+    :math:`c(S)` for the batch size it last returned, :math:`b`, relative to :math:`b_0`
+    (``base_batch_size``, or the first ``batch_size`` given to a suggest method),
+    :math:`S = b/b_0` (:func:`local_opt.lr.lr_factor`). ``lr_coupling="auto"`` (the default)
+    chooses by the optimizer's family, from measurements on the project's tasks
+    (``docs/lr-coupling.md``; :data:`local_opt.lr.AUTO_RULES`):
+
+    .. math::
+        \text{Adam-type:}\quad c(S) = \frac{\overline{V}/b_0 + \overline{|G|^2}}
+            {\overline{V}/b + \overline{|G|^2}} \in [1, S], \qquad
+        \text{SGD:}\quad c(S) = \min\Big(S,\ \frac{\text{lr}_{\text{peak}}}{\text{lr}}\Big)
+
+    The first is AdaScale's gain ratio (Johnson et al., 2020) from the test's own moving
+    averages of the per-sample variance :math:`\overline V = \operatorname{tr}\Sigma` and of the
+    de-biased :math:`\overline{|G|^2}` (:meth:`noise_estimates`): :math:`S` while the noise
+    dominates the mini-batch gradient, 1 once the gradient does. The second is the Seesaw rule
+    (Meterez et al., 2025) for SGD, where a batch :math:`S` times larger does what a learning
+    rate :math:`S` times smaller does: the grown batch stands in for the schedule's decay so far
+    (:math:`\text{lr}/\text{lr}_{\text{peak}}`), and the coupled learning rate never exceeds the
+    schedule's peak. ``"adascale"``, ``"seesaw"`` (:math:`\min(S^k,
+    \text{lr}_{\text{peak}}/\text{lr})`, :math:`k = 1/2` for Adam-type optimizers, 1 for SGD),
+    ``"sqrt"`` (:math:`\sqrt S`) and ``"linear"`` (:math:`S`) can be chosen for any optimizer;
+    ``"none"`` opts out. A step pre-hook multiplies and a post-hook restores, so learning-rate
+    schedulers (``LambdaLR``, ``OneCycleLR``, ``CosineAnnealingLR``, ``ReduceLROnPlateau``,
+    :class:`~local_opt.SampleLR`) work unchanged, ``group["lr"]`` and the optimizer's
+    ``state_dict`` hold the schedule's value, and a step at :math:`b = b_0` is bit for bit the
+    uncoupled one. :math:`b_0`, :math:`b` and the coupling's state (the peak learning rates) are
+    in this test's ``state_dict``. Index the schedule by samples (:class:`~local_opt.SampleLR`)
+    so that it keeps its meaning when the batch grows. With ``policy="paper"``, ``"auto"`` means
+    ``"none"`` (the published method runs at the user's learning rate); an explicit rule still
+    applies. The coupling never changes a decision of the test.
 
     **Pooling is exact.** Each rank reduces its batch to the sufficient statistics of
     :mod:`local_opt._stats` (sample count, :math:`\sum g_i`, :math:`\sum\lVert g_i\rVert^2`,
@@ -238,6 +274,14 @@ class VarianceTest:
             its memory; None for the whole batch at once (default: 32).
         micro_batches (int): micro-batches per batch for the ``"microbatch"`` backend, at
             least 2; a remainder of ``b mod micro_batches`` samples is left out (default: 4).
+        optimizer (Optimizer, optional): the optimizer whose learning rate is coupled to the
+            batch size during each step (default: None: nothing is coupled; :meth:`lr_factor`
+            still gives the factor).
+        lr_coupling (str): ``"auto"``, ``"none"``, ``"adascale"``, ``"sqrt"``, ``"linear"`` or
+            ``"seesaw"`` (default: ``"auto"``; see above).
+        base_batch_size (int, optional): :math:`b_0`, the per-worker batch size the learning
+            rate was tuned for (default: None, the first ``batch_size`` given to a suggest
+            method).
 
     Attributes:
         last_stats (dict): the statistics behind the last suggestion, for logging: the pooled
@@ -268,6 +312,13 @@ class VarianceTest:
         ...     if opt.synced:  # a round just ended: all ranks hold the same model
         ...         b = vt.suggest(x, y, sampler.batch_size)
         ...         sampler.set_batch_size(b)
+
+    With the learning rate coupled (the default once ``optimizer`` is given) and a schedule
+    indexed by samples::
+
+        >>> vt = VarianceTest(model, F.cross_entropy, optimizer=opt)  # lr_coupling="auto"
+        >>> sched = SampleLR(opt, warmup_cosine(0.05), total_samples=budget)
+        >>> # in the loop: opt.step(); sched.step(world_size * len(x)); after a round as above
 
     .. note::
         ``policy="paper"`` defaults. :math:`\eta = 0.1` is the default of the first author's reference
@@ -314,6 +365,9 @@ class VarianceTest:
         every: int = 1,
         chunk_size: int | None = 32,
         micro_batches: int = 4,
+        optimizer: Optimizer | None = None,
+        lr_coupling: str = "auto",
+        base_batch_size: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
@@ -400,6 +454,16 @@ class VarianceTest:
         self._calls = 0  # calls of suggest*, saved in state_dict
         self._last: int | None = None  # last suggestion, saved in state_dict
         self._workspace = Workspace()  # record_micro_batches' buffers, reused between steps
+        # Learning-rate coupling (local_opt/lr.py): b0 and the batch size last returned.
+        if base_batch_size is not None and (not is_int(base_batch_size) or base_batch_size < 1):
+            raise ValueError(f"Invalid base_batch_size: {base_batch_size!r} (expected an int >= 1)")
+        paper_auto = lr_coupling == "auto" and policy == "paper"
+        self.lr_coupling = "none" if paper_auto else resolve_rule(lr_coupling, optimizer)
+        self._base_batch: int | None = None if base_batch_size is None else int(base_batch_size)
+        self._batch: int | None = None
+        self._coupling = _Coupling(
+            optimizer, self.lr_coupling, self._coupled_batch_sizes, self.noise_estimates
+        )
 
     def __repr__(self) -> str:
         cap = "" if self.max_batch_size is None else f", max_batch_size={self.max_batch_size}"
@@ -432,7 +496,7 @@ class VarianceTest:
             )
         skipped = self._skip(batch_size)
         if skipped is not None:
-            return skipped
+            return self._track(batch_size, skipped)
         name, micro_batches = self._estimator()
         backend, stats = backends.compute(
             name,
@@ -444,7 +508,8 @@ class VarianceTest:
             micro_batches=micro_batches,
             inner_products=self.test != "norm",
         )
-        return self._decide(stats, batch_size, "worker" if micro_batches == 1 else backend)
+        out = self._decide(stats, batch_size, "worker" if micro_batches == 1 else backend)
+        return self._track(batch_size, out)
 
     def _estimator(self) -> tuple[str, int]:
         """The backend name and micro-batch count this round uses (``micro_batches=1``: per worker).
@@ -494,8 +559,8 @@ class VarianceTest:
         stats = stats_from_micro_batch_grads(grads, micro_batch_size)  # validates; cheap
         skipped = self._skip(batch_size)
         if skipped is not None:
-            return skipped
-        return self._decide(stats, batch_size, "microbatch_grads")
+            return self._track(batch_size, skipped)
+        return self._track(batch_size, self._decide(stats, batch_size, "microbatch_grads"))
 
     def record_micro_batches(
         self, micro_batch_size: int | Sequence[int], *, grad_scale: float | None = None
@@ -591,8 +656,8 @@ class VarianceTest:
         stats = recorder.grad_stats()  # validates; cheap
         skipped = self._skip(batch_size)
         if skipped is not None:
-            return skipped
-        return self._decide(stats, batch_size, "microbatch_recorded")
+            return self._track(batch_size, skipped)
+        return self._track(batch_size, self._decide(stats, batch_size, "microbatch_recorded"))
 
     def suggest_from_capture(self, capture: StatsCapture, batch_size: int) -> int:
         """Like :meth:`suggest`, from the exact statistics a :class:`~local_opt.StatsCapture`
@@ -613,8 +678,35 @@ class VarianceTest:
         stats = capture.grad_stats()  # validates; cheap
         skipped = self._skip(batch_size)
         if skipped is not None:
-            return skipped
-        return self._decide(stats, batch_size, "hooks_capture")
+            return self._track(batch_size, skipped)
+        return self._track(batch_size, self._decide(stats, batch_size, "hooks_capture"))
+
+    def _track(self, batch_size: int, out: int) -> int:
+        """Remember the batch size returned (the coupling's :math:`b`); the first given is b0."""
+        if self._base_batch is None:
+            self._base_batch = batch_size
+        self._batch = out
+        return out
+
+    def _coupled_batch_sizes(self) -> tuple[int | None, int | None]:
+        return self._base_batch, self._batch
+
+    def lr_factor(self, group: int = 0) -> float:
+        r"""The factor the learning rate of param group ``group`` is multiplied by in the coming
+        ``optimizer.step()`` (1 before the first suggestion and with ``lr_coupling="none"``)."""
+        return self._coupling.factor(group)
+
+    @property
+    def last_lr_factors(self) -> list[float]:
+        """The factors applied in the last ``optimizer.step()``, one per param group (empty
+        before the first step, or without ``optimizer``)."""
+        return list(self._coupling.last_factors)
+
+    @property
+    def base_batch_size(self) -> int | None:
+        """:math:`b_0` of the coupling: given, or the first ``batch_size`` passed to a suggest
+        method (None before)."""
+        return self._base_batch
 
     def _skip(self, batch_size: int) -> int | None:
         """Count the call; on a round without test, the last suggestion (else None)."""
@@ -745,6 +837,11 @@ class VarianceTest:
             "last_suggestion": self._last,
             "dof": self._dof,
             "ema": {k: e.state_dict() for k, e in self._ema.items()},
+            "lr_coupling": {
+                "base_batch_size": self._base_batch,
+                "batch_size": self._batch,
+                **self._coupling.state_dict(),
+            },
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -772,6 +869,16 @@ class VarianceTest:
         dof = state_dict.get("dof", 0)
         if not is_int(dof) or dof < 0:
             raise ValueError(f"Invalid state_dict: dof={dof!r}")
+        coupling = state_dict.get("lr_coupling", {})  # absent in states saved before it existed
+        if not isinstance(coupling, dict):
+            raise ValueError(f"Invalid state_dict: lr_coupling={coupling!r}")
+        base, current = coupling.get("base_batch_size"), coupling.get("batch_size")
+        if any(b is not None and (not is_int(b) or b < 1) for b in (base, current)):
+            raise ValueError(f"Invalid state_dict: lr_coupling={coupling!r}")
+        self._coupling.load_state_dict(coupling)
+        if base is not None:
+            self._base_batch = int(base)
+        self._batch = None if current is None else int(current)
         self._calls = int(calls)
         self._last = None if last is None else int(last)
         self._ema = emas
