@@ -168,11 +168,13 @@ def strategy_argv(name: str, args: argparse.Namespace, budget: int) -> list[str]
         own = ["--strategy", "constant", "--batch-size", str(b0)]
     elif name == "constant-large":
         own = ["--strategy", "constant", "--batch-size", str(cap)]
-    elif name in ("stagewise", "sqrt-doubling"):
-        pick = paper.stagewise_milestones if name == "stagewise" else paper.doubling_milestones
-        ms = pick(budget, m, h, b0, cap)
+    elif name == "stagewise":
+        ms = paper.stagewise_milestones(budget, m, h, b0, cap)
         own = ["--strategy", "stagewise", "--batch-size", str(b0), "--factor", "2",
                "--milestones", *map(str, ms)]  # fmt: skip
+    elif name == "sqrt-doubling":  # its own rule: the learning rate x sqrt 2 at each doubling
+        own = ["--strategy", "doubling", "--batch-size", str(b0), "--lr-coupling", "sqrt",
+               "--doubling-at", *map(str, paper.doubling_fractions(b0, cap))]  # fmt: skip
     elif name == "linear":
         ramp = max(1, math.ceil(budget / (m * h * (b0 + cap))))
         own = ["--strategy", "linear", "--batch-size", str(b0), "--ramp-rounds", str(ramp)]

@@ -100,7 +100,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="lm, shakespeare: validate on at most this many evenly spaced windows of the "
-        "validation text (0: all) (default: 0; 256 for shakespeare)",
+        "validation text (0: all) (default: 0; 128 for shakespeare)",
     )
     g.add_argument(
         "--test-windows",
@@ -192,17 +192,20 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         "--optimizer",
         default=None,
         choices=("sgd", "adamw"),
-        help="local (inner) optimizer (default: sgd; adamw for lm)",
+        help="local (inner) optimizer (default: sgd; adamw for lm and shakespeare)",
     )
     g.add_argument(
-        "--lr", type=float, default=None, help="peak learning rate (default: 0.05; 2e-3 for lm)"
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate (default: 0.05; 2e-3 for lm and shakespeare)",
     )
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     g.add_argument(
         "--weight-decay",
         type=float,
         default=None,
-        help="weight decay (default: 5e-4; 0 for lm)",
+        help="weight decay (default: 5e-4; 0 for lm and shakespeare)",
     )
     g.add_argument(
         "--warmup",
@@ -254,13 +257,13 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=None,
-        help="b0, initial per-worker batch size (default: 16; 4 for lm)",
+        help="b0, initial per-worker batch size (default: 16; 4 for lm and shakespeare)",
     )
     g.add_argument(
         "--max-batch-size",
         type=int,
         default=None,
-        help="cap of the per-worker batch size (default: 128; 64 for lm)",
+        help="cap of the per-worker batch size (default: 128; 64 for lm and shakespeare)",
     )
     g.add_argument(
         "--test",
@@ -346,7 +349,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         "--epochs",
         type=float,
         default=None,
-        help="sample budget in passes over the training set (default: 20; 1.2 for lm)",
+        help="sample budget in passes over the training set (default: 20; 1 for fmnist, 1.2 for "
+        "lm, 0.15 for shakespeare)",
     )
     g.add_argument(
         "--budget-samples",

