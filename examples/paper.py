@@ -929,6 +929,29 @@ def header(args: argparse.Namespace, elapsed: float | None, commit: str) -> list
     ]
 
 
+def partial_note(args: argparse.Namespace, runs: dict[str, ByStrategy]) -> list[str]:
+    """A warning when runs are missing (an interrupted harness), with the command that resumes."""
+    expected = len(args.settings) * len(args.strategies) * len(args.seeds)
+    found = sum(len(r) for by in runs.values() for r in by.values())
+    if found >= expected:
+        return []
+    missing = [
+        os.path.relpath(run_dir(args, n, st, k), args.out)
+        for n in args.settings for st in args.strategies for k in args.seeds
+        if k not in runs.get(n, {}).get(st, {})
+    ]  # fmt: skip
+    command = (
+        f"python examples/paper.py --settings {' '.join(args.settings)} --seeds "
+        f"{' '.join(map(str, args.seeds))} --out {args.out} --docs {args.docs} --resume"
+    )
+    return [
+        f"**PARTIAL RESULTS: {found} of {expected} runs finished** (missing: "
+        f"{', '.join(missing[:12])}{' …' if len(missing) > 12 else ''}). Resume with "
+        f"`{command}` (finished runs are kept).",
+        "",
+    ]
+
+
 def report(args: argparse.Namespace, elapsed: float | None, commit: str) -> list[str]:
     """Write docs/results.md and the figures; return the criteria lines."""
     runs = load_runs(args)
@@ -948,6 +971,7 @@ def report(args: argparse.Namespace, elapsed: float | None, commit: str) -> list
             lines += [f"{name} [{strategy}] {v.name}: {v.word} ({v.detail})" for v in vs]
         pareto_figure(name, by, os.path.join(args.docs, f"paper_{name}.png"))
     md = header(args, elapsed, commit)
+    md += partial_note(args, runs)
     table = summary_table(all_verdicts)
     if table:
         md += ["**Issue 19's criteria, adaptive with the library's defaults** (PASS: on the "

@@ -686,3 +686,9 @@ def test_paper_quick_mode_end_to_end(tmp_path: str) -> None:
     with open(os.path.join(docs, "paper_lm.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert paper.main([*common, "--report-only"]) == lines
+    assert "PARTIAL" not in text
+    # A seed that never ran: the report says the results are partial and how to resume.
+    paper.main([*common, "--report-only", "--seeds", "0", "1", "2"])
+    text = open(os.path.join(docs, "results.md")).read()
+    assert "**PARTIAL RESULTS: 8 of 12 runs finished** (missing: lm/constant-small/seed2" in text
+    assert "--seeds 0 1 2 --out " in text and "--resume`" in text
