@@ -675,7 +675,7 @@ def diagnostics(metric: str, b0: int, by: ByStrategy, nproc: int) -> list[str]:
     for strategy in ("adaptive", "paper"):
         for seed, run in sorted(by.get(strategy, {}).items()):
             recs = run["records"]
-            grew = next((r["round"] for r in recs if r["next_batch_size"] > r["batch_size"]), None)
+            grew = first_growth(run)
             ns = next((r["noise_scale"] for r in reversed(recs) if "noise_scale" in r), None)
             ratio = lr_ratio(run)
             ref = small.get(seed, {})
@@ -690,6 +690,59 @@ def diagnostics(metric: str, b0: int, by: ByStrategy, nproc: int) -> list[str]:
                 f"| {run[fk]:{fmt}} ({'—' if ref_final is None else format(ref_final, fmt)}) |"
             )
     return lines
+
+
+def default_eta() -> float:
+    """The norm test's threshold with VarianceTest's default policy (read from the library)."""
+    import torch
+
+    from local_opt import VarianceTest
+
+    return float(VarianceTest(torch.nn.Linear(1, 1), torch.nn.functional.mse_loss).eta)
+
+
+def first_growth(run: dict[str, Any]) -> int | None:
+    """The round after which the batch first grew (None: never)."""
+    return next(
+        (r["round"] for r in run["records"] if r["next_batch_size"] > r["batch_size"]), None
+    )
+
+
+def explain(metric: str, b0: int, by: ByStrategy, verdicts: list[Verdict]) -> list[str]:
+    """One measured reason for each criterion adaptive misses (the diagnostics table has more)."""
+    ad, small = by.get("adaptive", {}), by.get("constant-small", {})
+    seeds = sorted(k for k in ad if k in small)
+    if not seeds:
+        return []
+    out = []
+    names = [v.name for v in verdicts if not v.ok]
+    if any(n.startswith("total rounds") for n in names):
+        eta = default_eta()
+        m = ad[seeds[0]]["world_size"]
+        noise = [next((r["noise_scale"] for r in reversed(ad[k]["records"])
+                       if "noise_scale" in r), None) for k in seeds]  # fmt: skip
+        out.append(
+            "Why the rounds: adaptive's batch first grew after round "
+            + ", ".join(str(first_growth(ad[k]) or "never") for k in seeds)
+            + " (seeds " + ", ".join(map(str, seeds)) + ") of constant-small's "
+            + ", ".join(str(small[k]["rounds"]) for k in seeds)
+            + f" rounds. With the default η = {eta:g} the policy asks for a global batch of "
+            f"noise scale / η², so the batch grows only once the noise scale exceeds "
+            f"η² M b0 = {eta * eta * m * b0:g}; it measured "
+            + ", ".join("—" if n is None else f"{n:.0f}" for n in noise)
+            + " at the end of the budget (final per-worker b "
+            + ", ".join(str(ad[k]["final_batch_size"]) for k in seeds) + ")."
+        )  # fmt: skip
+    if any(n.startswith(f"final test {metric} within") for n in names):
+        out.append(
+            "Why the final metric: adaptive took "
+            + ", ".join(f"{ad[k]['steps']}" for k in seeds) + " optimizer steps in the budget "
+            "against constant-small's " + ", ".join(f"{small[k]['steps']}" for k in seeds)
+            + "; the learning rate over the schedule late in training was "
+            + ", ".join("—" if lr_ratio(ad[k]) is None else f"{lr_ratio(ad[k]):.2f}x"
+                        for k in seeds) + " (the coupling's factor)."
+        )  # fmt: skip
+    return out
 
 
 def lr_ratio(run: dict[str, Any]) -> float | None:
@@ -854,6 +907,9 @@ def setting_section(name: str, by: ByStrategy, args: argparse.Namespace) -> tupl
         if strategy != "adaptive":
             md += ["", f"The same for `{strategy}` (not part of the goal):", ""]
         md += [f"- {v.name}: **{v.word}** — {v.detail}" for v in vs]
+        if strategy == "adaptive":
+            for line in explain(s.metric, b0, by, vs):
+                md += ["", line]
     md += [
         "",
         seed_spread(s.metric, by),

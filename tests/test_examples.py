@@ -604,7 +604,7 @@ def test_paper_diagnostics_and_seed_spread() -> None:
     by = {
         "constant-small": {0: _run(6, 1.70), 1: _run(6, 1.72)},
         "adaptive": {0: {**_run(3, 1.75, steps=40), "records": records, "args": args,
-                         "budget_samples": 1000, "final_batch_size": 8}},
+                         "budget_samples": 1000, "final_batch_size": 8, "world_size": 2}},
     }  # fmt: skip
     lines = paper.diagnostics("loss", 4, by, nproc=2)
     # first grew after round 2; final b 8; noise scale 50 at the end, 50 / (M b0) = 50 / 8;
@@ -612,6 +612,17 @@ def test_paper_diagnostics_and_seed_spread() -> None:
     assert lines[2] == (
         "| adaptive | 0 | 3 (6) | 2 | 8 | 50.0 | 6.25 | 2.00 | 40 (100) | 1.750 (1.700) |"
     )
+    # A missed criterion is explained with the run's measurements: with the default eta = 2 the
+    # batch grows once the noise scale exceeds eta^2 M b0 = 4 * 2 * 4 = 32.
+    missed = [paper.Verdict("total rounds <= 0.5x constant-small's", False),
+              paper.Verdict("final test loss within 2 seed std of constant-small's", False)]
+    why = paper.explain("loss", 4, by, missed)
+    assert why[0].startswith("Why the rounds: adaptive's batch first grew after round 2 (seeds 0)")
+    assert "η² M b0 = 32; it measured 50 at the end" in why[0]
+    assert why[1] == ("Why the final metric: adaptive took 40 optimizer steps in the budget against "
+                      "constant-small's 100; the learning rate over the schedule late in training "
+                      "was 2.00x (the coupling's factor).")  # fmt: skip
+    assert paper.explain("loss", 4, by, [paper.Verdict("x", True, [True])]) == []
     text = paper.seed_spread("loss", by)
     sd = statistics.stdev([1.70, 1.72])
     assert f"over its 2 seeds is {sd:.3f} nats" in text and f"= {2 * sd:.3f} nats" in text
