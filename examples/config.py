@@ -157,7 +157,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         default=None,
         help="fraction of the data held out for validation, on which targets are checked "
         "(digits, lm: of all the data; fmnist, cifar10: of its training set; shakespeare: of "
-        "the plays) (default: 0.1 for the image tasks, 0.05 for fmnist, 0.02 for lm, 0.05 for "
+        "the plays) (default: 0.1 for the image tasks, 0.04 for fmnist, 0.02 for lm, 0.05 for "
         "shakespeare)",
     )
     g.add_argument(
