@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for name, a in zip(args.strategies, argvs):
         print(f"{name}: train.py --nproc {args.nproc} {' '.join(a)}", flush=True)
 
+    commit = paper.git_commit()  # before the runs: their outputs may be tracked files (docs/)
     start = time.perf_counter()
     launch.launch(run_all, (argvs,), args.nproc, timeout=600)
     total = time.perf_counter() - start
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         with open(args.md, "w") as f:
             f.write(
                 "# `make demo`: the paper's claim on digits (generated)\n\n"
-                f"Written by `{command}` at commit `{paper.git_commit()}` in {total:.0f} s "
+                f"Written by `{command}` at commit `{commit}` in {total:.0f} s "
                 f"(including process start-up; learning-rate coupling `{args.lr_coupling}` for "
                 "every strategy). Total rounds and bytes are over the whole equal sample budget; "
                 "the final test accuracy is at its end; rounds to the target are read on the "
