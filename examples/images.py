@@ -1,4 +1,4 @@
-r"""Image data (digits, CIFAR-10, synthetic) as in-memory tensors, and timm models.
+r"""Image data (digits, Fashion-MNIST, CIFAR-10, synthetic) as in-memory tensors, and timm models.
 
 Used by the image tasks of ``tasks.py``. Every loader returns an :class:`ImageData` with three
 splits: training, validation (for every choice: targets, tuning) and test (for reporting only).
@@ -204,6 +204,108 @@ def load_cifar10_data(
         TensorImages(test_images, test_targets, *norm),
         num_classes=10,
         in_chans=3,
+        img_size=img_size,
+    )
+
+
+#: Where the Debian package ``dataset-fashion-mnist`` puts the gzipped IDX files.
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+#: Mean and std of Fashion-MNIST's 60 000 training images, pixels scaled to [0, 1].
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+
+#: IDX type codes (the third byte of the magic number) and their big-endian numpy types.
+_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str) -> Tensor:
+    r"""An IDX file (LeCun's MNIST format; gzipped when ``path`` ends in ``.gz``) as a tensor.
+
+    The file is a magic number (two zero bytes, a type code, the number of dimensions
+    :math:`d`), :math:`d` big-endian ``uint32`` sizes, then the values in C order.
+    """
+    import gzip
+
+    import numpy as np
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise ValueError(f"Invalid IDX file: {path} (magic {raw[:4].hex()})")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    offset = 4 + 4 * ndim
+    count = int(np.prod(dims)) if dims else 1
+    if len(raw) != offset + count * dtype.itemsize:
+        raise ValueError(
+            f"Invalid IDX file: {path} holds {len(raw) - offset} data bytes, expected "
+            f"{count * dtype.itemsize} for shape {tuple(dims)}"
+        )
+    data = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(dims)
+    return torch.from_numpy(data.astype(dtype.newbyteorder("="), copy=True))
+
+
+def _find_idx(root: str, name: str) -> str:
+    """``root/name.gz`` or ``root/name``, also under torchvision's ``root/FashionMNIST/raw``."""
+    import os
+
+    for folder in (root, os.path.join(root, "FashionMNIST", "raw")):
+        for candidate in (name + ".gz", name):
+            path = os.path.join(folder, candidate)
+            if os.path.exists(path):
+                return path
+    raise FileNotFoundError(
+        f"Fashion-MNIST: no {name}(.gz) in {root!r}. Install the Debian package "
+        "(apt-get install dataset-fashion-mnist, files in "
+        f"{FASHION_MNIST_DIR}) or pass --data-dir pointing at a folder holding "
+        "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and "
+        "t10k-labels-idx1-ubyte.gz"
+    )
+
+
+def load_fashion_mnist_data(
+    root: str = "", img_size: int = 28, val_fraction: float = 0.05, split_seed: int = 0
+) -> ImageData:
+    """Fashion-MNIST from the gzipped IDX files in ``root`` (default: the Debian package's folder).
+
+    Read directly (:func:`read_idx`), never downloaded. The validation split is a seeded
+    ``val_fraction`` of the 60 000 training images (3000 by default), the rest is the training
+    split; the test split is the 10 000 ``t10k`` images. Pixels stay ``uint8`` in memory and are
+    scaled to :math:`[0, 1]` and normalized with Fashion-MNIST's training mean and std when
+    fetched; ``img_size`` other than 28 resizes them once (bilinear).
+    """
+    root = root or FASHION_MNIST_DIR
+    arrays = []
+    for split in ("train", "test"):
+        images_name, labels_name = FASHION_MNIST_FILES[split]
+        images = read_idx(_find_idx(root, images_name))
+        labels = read_idx(_find_idx(root, labels_name)).long()
+        if images.dim() != 3 or images.dtype != torch.uint8 or len(images) != len(labels):
+            raise ValueError(
+                f"Invalid Fashion-MNIST {split} files in {root!r}: images "
+                f"{tuple(images.shape)} {images.dtype}, labels {tuple(labels.shape)}"
+            )
+        images = images[:, None]
+        if img_size != images.shape[-1]:
+            images = F.interpolate(images.float(), size=(img_size, img_size), mode="bilinear")
+            images = images.round().clamp_(0, 255).to(torch.uint8)
+        arrays.append((images.contiguous(), labels))
+    (images, targets), (test_images, test_targets) = arrays
+    perm = torch.randperm(len(targets), generator=torch.Generator().manual_seed(split_seed))
+    n_val = int(round(val_fraction * len(targets)))
+    val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+    norm = (FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    return ImageData(
+        TensorImages(images[train_idx], targets[train_idx], *norm),
+        TensorImages(images[val_idx], targets[val_idx], *norm),
+        TensorImages(test_images, test_targets, *norm),
+        num_classes=10,
+        in_chans=1,
         img_size=img_size,
     )
 

