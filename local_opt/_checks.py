@@ -13,6 +13,11 @@ from torch import Tensor, nn
 __all__: list[str] = []  # private module
 
 
+class InvalidLoss(ValueError):
+    """A ``loss_fn`` that does not return a scalar loss tensor: the caller's error, so no backend
+    falls back on it (every backend would meet it)."""
+
+
 def warn_if_not_initialized(who: str, process_group: Any = None) -> None:
     """Warn when ``WORLD_SIZE > 1`` (torchrun launched several processes) but torch.distributed
     is not initialized: every process would then train alone on its own copy of the data."""
@@ -53,18 +58,18 @@ class CheckedLoss:
             loss = self.loss_fn(outputs, targets)
         except RuntimeError as e:  # torch.func.vmap refuses .item() / float() inside loss_fn
             if "vmap" in str(e) and ".item()" in str(e):
-                raise ValueError(
+                raise InvalidLoss(
                     "Invalid loss_fn: it calls .item() or float() on a tensor; return the loss "
                     "tensor itself, e.g. F.cross_entropy(outputs, targets)"
                 ) from e
             raise
         if not isinstance(loss, Tensor):
-            raise ValueError(
+            raise InvalidLoss(
                 f"Invalid loss_fn: it returned a {type(loss).__name__}, not a tensor; return the "
                 "loss tensor itself (no .item() or float()), e.g. F.cross_entropy(outputs, targets)"
             )
         if loss.dim() != 0:
-            raise ValueError(
+            raise InvalidLoss(
                 f"Invalid loss_fn: it returned a tensor of shape {tuple(loss.shape)}; loss_fn must "
                 "return a scalar per call, the mean over the samples it is given (e.g. "
                 "reduction='mean', the default of F.cross_entropy)"

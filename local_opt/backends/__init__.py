@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from local_opt._checks import InvalidLoss
 from local_opt._stats import GradStats
 from local_opt.backends import stack
 from local_opt.backends.hooks import hooks_stats, supports, unsupported_layers
@@ -209,7 +210,7 @@ def compute(
     try:
         with contained():
             stats = stack.compute(get(backend), inner, loss_fn, inputs, targets, **options)
-    except _OOM:
+    except (_OOM, InvalidLoss):  # out of memory; the caller's loss_fn: no backend would do
         raise
     except Exception as e:  # noqa: BLE001 - any failure of the hooks pass is a fallback
         if backend != "hooks":
