@@ -958,7 +958,10 @@ def summary_table(all_verdicts: dict[str, dict[str, list[Verdict]]]) -> list[str
             f"{n}{' (held out)' if SETTINGS[n].held_out else ''}" for n in names) + " |",
         "|---|" + "---|" * len(names),
     ]  # fmt: skip
-    rows = [v.name.split(" (")[0] for v in all_verdicts[names[0]]["adaptive"]]
+    rows = [  # one label for every setting's metric (accuracy or loss)
+        v.name.split(" (")[0].replace("test acc", "test metric").replace("test loss", "test metric")
+        for v in all_verdicts[names[0]]["adaptive"]
+    ]
     for i, row in enumerate(rows):
         cells = [all_verdicts[n]["adaptive"][i].word for n in names]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
