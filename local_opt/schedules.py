@@ -56,6 +56,16 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
+def _check_milestones(milestones: Any) -> list[int]:
+    """A strictly increasing sequence of ints >= 1, as a list; ``ValueError`` otherwise."""
+    if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence):
+        raise ValueError(f"Invalid milestones: {milestones!r} (expected a sequence of ints)")
+    ms = [_check_int("milestones", m, 1) for m in milestones]
+    if any(b <= a for a, b in zip(ms, ms[1:])):
+        raise ValueError(f"Invalid milestones: {list(milestones)} (must strictly increase)")
+    return ms
+
+
 class _Schedule:
     """Round counter, ``suggest``, ``state_dict`` and the learning-rate coupling shared by the
     schedules."""
@@ -271,11 +281,7 @@ class StagewiseBatchSize(_Schedule):
     ) -> None:
         super().__init__()
         self.batch_size = _check_int("batch_size", batch_size, 1)
-        if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence):
-            raise ValueError(f"Invalid milestones: {milestones!r} (expected a sequence of ints)")
-        ms = [_check_int("milestones", m, 1) for m in milestones]
-        if any(b <= a for a, b in zip(ms, ms[1:])):
-            raise ValueError(f"Invalid milestones: {list(milestones)} (must strictly increase)")
+        ms = _check_milestones(milestones)
         if isinstance(factor, bool) or not isinstance(factor, numbers.Real):
             raise ValueError(f"Invalid factor: {factor!r} (expected a number >= 1)")
         if not (math.isfinite(factor) and factor >= 1):
@@ -413,11 +419,7 @@ class DoublingBatchSize(_Schedule):
     ) -> None:
         super().__init__()
         self.batch_size = _check_int("batch_size", batch_size, 1)
-        if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence):
-            raise ValueError(f"Invalid milestones: {milestones!r} (expected a sequence of ints)")
-        ms = [_check_int("milestones", m, 1) for m in milestones]
-        if any(b <= a for a, b in zip(ms, ms[1:])):
-            raise ValueError(f"Invalid milestones: {list(milestones)} (must strictly increase)")
+        ms = _check_milestones(milestones)
         self.milestones = ms
         self.world_size = _check_int("world_size", world_size, 1)
         self.steps_per_round = _check_int("steps_per_round", steps_per_round, 1)
