@@ -17,6 +17,7 @@ from local_opt import _checks, _comm, _stats, backends
 from local_opt._validate import is_int
 from local_opt.accumulation import Accumulation
 from local_opt.backends.hooks import StatsCapture
+from local_opt.backends.hooks.check import UnaccountedGradient
 from local_opt.backends.microbatch import stats_from_micro_batch_grads
 from local_opt.backends.recorder import MicroBatchRecorder, Workspace
 from local_opt.backends.vmap import uses_batch_statistics
@@ -827,7 +828,15 @@ class VarianceTest:
                 f"Invalid capture: it kept no inner products, which test={self.test!r} needs "
                 "(make it with this VarianceTest's capture())"
             )
-        stats = capture.grad_stats()  # validates; cheap
+        try:
+            stats = capture.grad_stats()  # validates; cheap
+        except UnaccountedGradient as e:  # no batch here to fall back with: say what to do
+            raise RuntimeError(
+                f"VarianceTest.suggest_from_capture: the in-step statistics cannot be taken on "
+                f"this model ({e}). The in-step path has no fallback; use "
+                "test.suggest(x, y, batch_size) after opt.step() instead: it probes the model "
+                "and falls back to an exact backend with a warning"
+            ) from e
         skipped = self._skip(batch_size)
         if skipped is not None:
             return self._track(batch_size, skipped)

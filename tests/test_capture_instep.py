@@ -348,3 +348,25 @@ def test_batchnorm_train_worker_estimate_over_two_ranks():
         assert got["count"] == 2
         for key in ("mean_sq_norm", "sq_norm_sum", "norm_variance"):
             assert got[key] == pytest.approx(ref[key], rel=1e-10), key
+
+
+class _OutsideUse(nn.Module):
+    """A Linear whose weight is also used outside its forward: the hooks cannot account for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + x @ self.lin.weight.t()
+
+
+def test_a_model_the_in_step_path_cannot_follow_says_what_to_do():
+    torch.manual_seed(0)
+    model = _OutsideUse()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    vt = VarianceTest(model, F.cross_entropy, max_batch_size=64)
+    with vt.capture() as cap:
+        F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"in-step path has no fallback; use test\.suggest"):
+        vt.suggest_from_capture(cap, 8)
