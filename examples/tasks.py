@@ -297,6 +297,21 @@ _IMAGE_DEFAULTS: dict[str, Any] = {
 #: split: AdamW at 2e-3, per-worker batches from 4 to 64 windows of 32 bytes, 1.2 passes over
 #: the training text (about 16 000 windows), a budget in which constant batches of 4 and of 64
 #: (2 workers, H = 8) both reach a validation loss of 2.2 nats/byte (measured on seed 0).
+_LM_DEFAULTS: dict[str, Any] = {
+    "model": "gpt",
+    "optimizer": "adamw",
+    "lr": 2e-3,
+    "weight_decay": 0.0,
+    "batch_size": 4,
+    "max_batch_size": 64,
+    "epochs": 1.2,
+    "test_fraction": 0.05,
+    "val_fraction": 0.02,
+    "context": 32,
+    "val_windows": 0,
+    "test_windows": 0,
+}
+
 DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": _IMAGE_DEFAULTS,
     # Fashion-MNIST: the digits setup at 28 px; 4 % of the training set validates; the test split
@@ -304,29 +319,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "fmnist": {**_IMAGE_DEFAULTS, "epochs": 1.0, "val_fraction": 0.04, "test_fraction": 1 / 7},
     "cifar10": _IMAGE_DEFAULTS,
     "synthetic": _IMAGE_DEFAULTS,
-    "lm": {
-        "model": "gpt",
-        "optimizer": "adamw",
-        "lr": 2e-3,
-        "weight_decay": 0.0,
-        "batch_size": 4,
-        "max_batch_size": 64,
-        "epochs": 1.2,
-        "test_fraction": 0.05,
-        "val_fraction": 0.02,
-        "context": 32,
-        "val_windows": 0,
-        "test_windows": 0,
-    },
-    # Shakespeare: fractions of the 38 plays (3 test, 2 validation); 128 validation and 1024 test
-    # windows of 64 bytes keep an evaluation short; budget and lr set in paper.py's pilot runs.
+    "lm": _LM_DEFAULTS,
+    # Shakespeare: the LM's setup on fractions of the 38 plays (3 test, 2 validation); 128
+    # validation and 1024 test windows of 64 bytes keep an evaluation short; budget and lr set in
+    # paper.py's pilot runs.
     "shakespeare": {
-        "model": "gpt",
-        "optimizer": "adamw",
-        "lr": 2e-3,
-        "weight_decay": 0.0,
-        "batch_size": 4,
-        "max_batch_size": 64,
+        **_LM_DEFAULTS,
         "epochs": 0.15,
         "test_fraction": 0.08,
         "val_fraction": 0.05,
