@@ -18,14 +18,16 @@ LINE = re.compile(r"rank (\d+): rounds (\d+), batch size (\d+), test accuracy ([
 
 
 def run(args: list[str], timeout: float) -> list[tuple[int, int, int, float, str]]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    # PYTHONUNBUFFERED as CI machines often set it: print() then writes its text and its newline
+    # separately, so two ranks' lines can share one line of the captured output.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     env.pop("WORLD_SIZE", None)
     done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Warning" not in done.stderr, done.stderr  # a clean run: nothing to warn about
-    found = [LINE.search(line) for line in done.stdout.splitlines()]
-    return sorted((int(m[1]), int(m[2]), int(m[3]), float(m[4]), m[5]) for m in found if m)
+    found = LINE.finditer(done.stdout)  # not line by line: the ranks' writes may interleave
+    return sorted((int(m[1]), int(m[2]), int(m[3]), float(m[4]), m[5]) for m in found)
 
 
 def test_readme_shows_the_quickstart_code():
