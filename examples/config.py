@@ -317,6 +317,13 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         "from the first round (default: VarianceTest's)",
     )
     g.add_argument(
+        "--smoothing",
+        type=float,
+        default=None,
+        help="beta of the policy's moving averages per round; 0 uses the last round only "
+        "(default: VarianceTest's)",
+    )
+    g.add_argument(
         "--nu",
         type=float,
         default=None,

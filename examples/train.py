@@ -90,7 +90,7 @@ def make_policy(
         coupling = {"optimizer": optimizer, "lr_coupling": args.lr_coupling}
         if args.lr_ref_batch_size:
             coupling["base_batch_size"] = args.lr_ref_batch_size
-    names = ("eta", "theta", "nu", "policy", "min_dof")
+    names = ("eta", "theta", "nu", "policy", "min_dof", "smoothing")
     given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.strategy == "adaptive":
         return VarianceTest(

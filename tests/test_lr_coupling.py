@@ -117,7 +117,7 @@ def test_auto_rule_by_optimizer_family():
     sgd, adamw = torch.optim.SGD(p, lr=0.1), torch.optim.AdamW(p, lr=1e-3)
     assert optimizer_family(sgd) == "sgd" and optimizer_family(adamw) == "adam"
     assert optimizer_family(LocalOptimizer(adamw, sync_every=2)) == "adam"  # looked through
-    assert (auto_rule(sgd), auto_rule(adamw)) == ("seesaw", "adascale")  # docs/lr-coupling.md
+    assert (auto_rule(sgd), auto_rule(adamw)) == ("linear", "adascale")  # docs/lr-coupling.md
     model, x, y = problem()
     assert VarianceTest(model, F.mse_loss).lr_coupling == "none"  # no optimizer: nothing coupled
     assert ConstantBatchSize(4).lr_coupling == "none"
@@ -500,7 +500,7 @@ def test_train_py_gives_every_strategy_the_same_rule():
         opt = train.make_optimizer(args, model)
         return train.make_policy(args, model, F.cross_entropy, opt, world_size=2, budget=10_000)
 
-    assert policy(["--strategy", "adaptive"]).lr_coupling == "seesaw"  # SGD's auto
+    assert policy(["--strategy", "adaptive"]).lr_coupling == "linear"  # SGD's auto
     assert policy(["--strategy", "adaptive"], "adamw").lr_coupling == "adascale"
     assert policy(["--strategy", "adaptive", "--policy", "paper"]).lr_coupling == "none"
     stage = policy(["--strategy", "stagewise"], "adamw")  # the same rule, observe-only test
@@ -508,7 +508,7 @@ def test_train_py_gives_every_strategy_the_same_rule():
     assert stage.variance_test._coupling.optimizer is None
     const = policy(["--strategy", "constant"], "adamw")  # b == b0: no test needed
     assert const.lr_coupling == "adascale" and const.variance_test is None
-    assert policy(["--strategy", "linear"]).lr_coupling == "seesaw"
+    assert policy(["--strategy", "linear"]).lr_coupling == "linear"
     off = ["--lr-coupling", "none"]
     for strategy in ("adaptive", "constant", "stagewise", "linear", "doubling"):
         assert policy(["--strategy", strategy, *off], "adamw").lr_coupling == "none"
