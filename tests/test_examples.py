@@ -21,6 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from local_opt import VarianceTest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 sys.path.insert(0, EXAMPLES)
@@ -378,10 +380,13 @@ def test_help_documents_every_flag() -> None:
 def test_policy_gets_only_the_flags_given() -> None:
     model = torch.nn.Linear(3, 2)
     vt = train.make_policy(train.parse_args(["--strategy", "adaptive"]), model, F.cross_entropy)
-    assert (vt.eta, vt.min_dof, vt.policy) == (2.0, 8, "smoothed")  # VarianceTest's defaults
-    argv = ["--strategy", "adaptive", "--eta", "1.5", "--min-dof", "0"]
+    plain = VarianceTest(model, F.cross_entropy)
+    assert (vt.eta, vt.min_dof, vt.smoothing, vt.policy) == (
+        plain.eta, plain.min_dof, plain.smoothing, "smoothed")  # VarianceTest's defaults
+    assert (plain.eta, plain.min_dof, plain.smoothing) == (1.4, 8, 0.9)  # docs/design.md
+    argv = ["--strategy", "adaptive", "--eta", "1.5", "--min-dof", "0", "--smoothing", "0.5"]
     vt = train.make_policy(train.parse_args(argv), model, F.cross_entropy)
-    assert (vt.eta, vt.min_dof) == (1.5, 0)
+    assert (vt.eta, vt.min_dof, vt.smoothing) == (1.5, 0, 0.5)
     vt = train.make_policy(train.parse_args(["--strategy", "adaptive", "--policy", "paper"]),
                            model, F.cross_entropy)  # fmt: skip
     assert (vt.eta, vt.min_dof, vt.policy) == (0.1, 0, "paper")
@@ -495,7 +500,6 @@ def test_lm_metrics_against_a_loop(tmp_path: str) -> None:
 
 def test_variance_test_covers_the_gpt_exactly() -> None:
     """The hooks backend covers every GPT parameter and agrees with vmap's per-sample gradients."""
-    from local_opt import VarianceTest
 
     torch.manual_seed(0)
     model = lm.GPT(context=8, dim=16, layers=1, heads=2).double()
@@ -618,7 +622,7 @@ def test_paper_diagnostics_and_seed_spread() -> None:
               paper.Verdict("final test loss within 2 seed std of constant-small's", False)]
     why = paper.explain("loss", 4, by, missed)
     assert why[0].startswith("Why the rounds: adaptive's batch first grew after round 2 (seeds 0)")
-    assert "η² M b0 = 32; it measured 50 at the end" in why[0]
+    assert "η² M b0 = 15.68; it measured 50 at the end" in why[0]  # 1.4² · 2 · 4
     assert why[1] == ("Why the final metric: adaptive took 40 optimizer steps in the budget against "
                       "constant-small's 100; the learning rate over the schedule late in training "
                       "was 2.00x (the coupling's factor).")  # fmt: skip
