@@ -153,6 +153,14 @@ class AffineRule(Rule):
         w = site.params["weight"]
         return (other - costs["keep"]) * n, n * w.numel() * w.element_size()
 
+    def choose_mode(self, site: Site, memory: Memory) -> str:
+        """The weight's mode for this pass: the caller's (``site.mode``), else the cheaper of
+        ``"stream"`` and ``"ghost"`` by :meth:`costs`."""
+        if site.mode in ("keep", "stream", "ghost"):
+            return site.mode
+        costs = self.costs(site, memory.inner_products) or {}
+        return "stream" if costs.get("stream", 1) < costs.get("ghost", 0) else "ghost"
+
     def finish(self, site: Site, n: int, memory: Memory) -> LayerStats:
         module = site.module
         calls = [c for c in site.calls if c.delta is not None]
@@ -175,11 +183,7 @@ class AffineRule(Rule):
             else:
                 # (under autocast the inputs and output gradients may be in a lower precision)
                 pairs = [(c.inputs.to(w.dtype), c.delta.to(w.dtype)) for c in calls]
-                mode = site.mode
-                if mode not in ("keep", "stream", "ghost"):
-                    costs = self.costs(site, memory.inner_products) or {}
-                    mode = "stream" if costs.get("stream", 1) < costs.get("ghost", 0) else "ghost"
-                site.mode = mode
+                mode = site.mode = self.choose_mode(site, memory)
                 if mode == "ghost":
                     total = sum(self.weight_sum(module, a, d) for a, d in pairs)
                     us = [self.patches(module, a) for a, _ in pairs]

@@ -32,6 +32,11 @@ from torch import Tensor, nn
 
 __all__: list[str] = []  # private module
 
+#: Size bound (elements per layer of the tensors a group stacks or forms) for layers finished
+#: together (:meth:`Rule.finish_group`): the fixed cost per tensor operation that grouping saves
+#: matters only for small layers, and stacking copies the inputs and output gradients.
+GROUP_ELEMENTS = 1 << 20
+
 @dataclass
 class Call:
     """One forward call of a covered module: its saved input and, after backward, ``δ``."""
@@ -61,6 +66,19 @@ class LayerStats:
     grad_sum: dict[str, Tensor]
     sq_norms: Tensor  # (N,), float64
     inner: Callable[[dict[str, Tensor]], Tensor]  # {name: V} -> (N,) per-sample ⟨g_i, V⟩
+    # a member of a group finished together (:meth:`Rule.finish_group`): the group's statistics
+    # and this layer's index in it; ``sq_norms`` and ``inner`` are then the group's
+    group: tuple[GroupStats, int] | None = None
+
+
+@dataclass
+class GroupStats:
+    """The statistics of several layers finished together (:meth:`Rule.finish_group`)."""
+
+    grad_sums: list[dict[str, Tensor]]  # per layer, as ``LayerStats.grad_sum``
+    sq_norms: Tensor  # (N,), float64: the per-sample squared norms summed over the layers
+    # [{name: V} per layer] -> (N,) per-sample ⟨g_i, V⟩ summed over the layers
+    inner: Callable[[list[dict[str, Tensor]]], Tensor]
 
 
 class Memory:
@@ -134,6 +152,18 @@ class Rule:
         ``site.mode`` may carry a decision taken by the caller (``"keep"`` when memory for the
         per-sample gradients was granted, or a mode forced for every layer).
         """
+        raise NotImplementedError
+
+    def group_key(self, site: Site, n: int, memory: Memory) -> Any:
+        """A key under which ``site`` may be finished together with other sites of this rule
+        (:meth:`finish_group`), or None (finished alone; the default). Sites with equal keys
+        must have the same shapes, dtypes and modes: small models spend most of the statistics'
+        time in the fixed cost of each tensor operation, which a group pays once."""
+        return None
+
+    def finish_group(self, sites: list[Site], n: int, memory: Memory) -> GroupStats:
+        """The statistics of ``sites`` (two or more, with equal :meth:`group_key`), equal to
+        those of :meth:`finish` on each up to float rounding."""
         raise NotImplementedError
 
 

@@ -14,6 +14,8 @@ __all__: list[str] = []  # private module
 
 
 class LayerNormRule(DiagonalRule):
+    trailing = True
+
     def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
 
@@ -115,6 +117,7 @@ class RMSNormRule(DiagonalRule):
     """``nn.RMSNorm`` and timm's ``RmsNorm``: ``x / rms(x)`` over the trailing dimensions."""
 
     param_names = ("weight",)
+    trailing = True
 
     def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
         return F.rms_norm(x, module.normalized_shape, None, module.eps)
