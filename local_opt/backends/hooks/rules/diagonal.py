@@ -22,6 +22,7 @@ from local_opt.backends.hooks.rules.base import (
     Memory,
     Rule,
     Site,
+    layer_dots,
     register_named,
     sq_norms,
 )
@@ -108,7 +109,7 @@ class DiagonalRule(Rule):
             or tuple(x.shape[x.dim() - len(shape) :]) != shape
             or x.dtype != ref.dtype
             or d.dtype != ref.dtype
-            or 3 * x.numel() > GROUP_ELEMENTS
+            or 2 * x.numel() > GROUP_ELEMENTS
         ):
             return None
         eps = getattr(site.module, "eps", None)
@@ -138,10 +139,10 @@ class DiagonalRule(Rule):
             res = None
             for name, g in per.items():
                 v = torch.stack([vj[name].reshape(-1) for vj in vs]).to(g.dtype)
-                r = torch.bmm(g, v.unsqueeze(2))
+                r = layer_dots(g, v)
                 res = r if res is None else res.add_(r)
             assert res is not None
-            return res.view(ll, n).double().sum(0)
+            return res.double().sum(0)
 
         return GroupStats(sums, sq.sum(0), inner)  # type: ignore[union-attr]
 

@@ -16,6 +16,7 @@ from local_opt.backends.hooks.rules.base import (
     LayerStats,
     Memory,
     Site,
+    layer_dots,
     register,
     register_named,
 )
@@ -78,7 +79,7 @@ class LinearRule(AffineRule):
             return None
         mode = self.choose_mode(site, memory)
         t = a[0].numel() // a.shape[-1]
-        size = n * t * sum(w.shape) + (n * t * t if mode == "ghost" else n * w.numel())
+        size = n * t * (sum(w.shape) + (t if mode == "ghost" else 0))  # stacked, Gram matrices
         if mode not in ("ghost", "keep") or size > GROUP_ELEMENTS:
             return None
         return (mode, tuple(a.shape), tuple(w.shape), "bias" in site.params, w.dtype, w.device)
@@ -115,11 +116,11 @@ class LinearRule(AffineRule):
 
             def inner(vs: list[dict[str, Tensor]]) -> Tensor:
                 vw = torch.stack([v["weight"].reshape(-1) for v in vs]).to(kept.dtype)
-                res = torch.bmm(kept, vw.unsqueeze(2))
+                res = layer_dots(kept, vw)
                 if per_bias is not None:
                     vb = torch.stack([v["bias"] for v in vs]).to(kept.dtype)
-                    res += torch.bmm(per_bias, vb.unsqueeze(2))
-                return res.view(ll, n).double().sum(0)
+                    res += layer_dots(per_bias, vb)
+                return res.double().sum(0)
 
         else:  # ghost
             weights = torch.bmm(d.transpose(1, 2), a)
