@@ -159,7 +159,7 @@ def assemble(
     sq = torch.zeros(n, dtype=torch.float64, device=params[0].device if params else None)
     free = grant_keep(sites, n, keep_bytes, mode)
     workspaces = _acquire(sites, n)
-    memory = Memory(free, workspaces, inner_products)
+    memory = Memory(free, workspaces, inner_products, keep_patches=True)
     grouped = _finish_groups(sites, n, memory)
     finished = []
     for s in sites:

@@ -96,9 +96,13 @@ class Memory:
         free: int,
         workspaces: dict[tuple[torch.dtype, torch.device], Tensor],
         inner_products: bool = True,
+        keep_patches: bool = False,
     ):
         self.free = free
         self.inner_products = inner_products  # False: nothing is kept for the inner products
+        # whether a rule may keep copies it formed anyway (a convolution's im2col patches) for
+        # the inner products, charged to ``free`` (the separate pass, which budgets ``free``)
+        self.keep_patches = keep_patches
         self._workspaces = workspaces
         self._offsets: dict[tuple[torch.dtype, torch.device], int] = {}
 
