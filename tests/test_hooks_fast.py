@@ -1,7 +1,8 @@
 """The separate pass's fixed-cost savings (issue 20) against the per-sample ``vmap`` reference.
 
 * Layers of equal shapes finished together (:meth:`Rule.finish_group`): Linear layers on
-  sequences and on vectors, with and without bias, in every mode; LayerNorm and RMSNorm.
+  sequences and on vectors, with and without bias, in every mode; LayerNorm and RMSNorm;
+  BatchNorm in eval mode (vmap) and in training mode (the brute-force contributions).
 * The plan reused across passes (:func:`~local_opt.backends.hooks.plan.cached_plan`): after every
   change to the model that the plan depends on (``requires_grad``, a parameter or module replaced,
   a module added, a layer's attribute that makes it unsupported) the statistics still match the
@@ -16,7 +17,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from test_backend_hooks import MODES, check_against, vmap_per_sample
+from test_backend_hooks import MODES, brute_force_contributions, check_against, vmap_per_sample
 from torch import nn
 
 import local_opt.backends.hooks.plan as plan
@@ -118,6 +119,46 @@ def test_float32_groups(groups):
     model.float()
     check_against(model, F.cross_entropy, x.float(), y, ref, 1e-4)
     assert groups
+
+
+class BNStack(nn.Module):
+    """Three Conv2d + BatchNorm2d of equal shapes, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(3 if j == 0 else 4, 4, 3, padding=1) for j in range(3)])
+        self.bns = nn.ModuleList([nn.BatchNorm2d(4) for _ in range(3)])
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv, bn in zip(self.convs, self.bns):
+            x = bn(conv(x)).relu()
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["auto", "ghost"])
+def test_batchnorm_groups(mode, groups):
+    torch.manual_seed(0)
+    model = BNStack().double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 5, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=g)
+    with torch.no_grad():
+        for bn in model.bns:  # running statistics that differ between the layers
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    _check(model, x, y, mode=mode)
+    model.bns[1].bias.requires_grad_(False)  # a group of layers with and without bias: two
+    _check(model, x, y, mode=mode)
+    assert 2 in groups, groups
+    model.bns[1].bias.requires_grad_(True)
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = brute_force_contributions(model, F.cross_entropy, x, y)
+    model.load_state_dict(state)
+    check_against(model, F.cross_entropy, x, y, ref, 1e-10, mode=mode)
+    assert groups.count(3) >= 2, groups  # the three BatchNorm layers, in each mode
 
 
 def _plans(monkeypatch) -> list[int]:
