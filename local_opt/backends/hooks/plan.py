@@ -115,6 +115,9 @@ def _fingerprint(model: nn.Module, keep: list[Tensor]) -> list:
     (identity, ``requires_grad``, broadcast shape)."""
     out: list = [len(RULES), len(NAMED_RULES), tuple(UNCOVERED.get(model, ()))]
     for mname, m in model.named_modules():
+        if not m._parameters:  # the plan reads nothing else of a module without parameters
+            out.append((mname, None if m is model else m))
+            continue
         rule = find_rule(m)
         params = []
         for n, p in m._parameters.items():

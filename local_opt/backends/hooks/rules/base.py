@@ -23,6 +23,7 @@ and one test against the per-sample autograd loop.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -191,6 +192,7 @@ def register(rule: Rule, *types: type) -> Rule:
     """Use ``rule`` for modules of ``types`` (and their subclasses that keep ``forward``)."""
     for t in types:
         RULES[t] = rule
+    _BY_CLASS.clear()
     return rule
 
 
@@ -198,12 +200,25 @@ def register_named(rule: Rule, *qualnames: str) -> Rule:
     """Use ``rule`` for the classes named ``"module.qualname"`` (exact class only)."""
     for q in qualnames:
         NAMED_RULES[q] = rule
+    _BY_CLASS.clear()
     return rule
+
+
+# find_rule by class (a class's rule depends only on the registries, which clear this).
+_BY_CLASS: weakref.WeakKeyDictionary[type, Rule | None] = weakref.WeakKeyDictionary()
 
 
 def find_rule(module: nn.Module) -> Rule | None:
     """The rule for ``module``'s class, or ``None``."""
     cls = type(module)
+    try:
+        return _BY_CLASS[cls]
+    except KeyError:
+        rule = _BY_CLASS[cls] = _find_rule(cls)
+        return rule
+
+
+def _find_rule(cls: type) -> Rule | None:
     named = NAMED_RULES.get(f"{cls.__module__}.{cls.__qualname__}")
     if named is not None:
         return named
