@@ -18,6 +18,10 @@ Measurements, each a ratio of medians against the baseline in the same process, 
   goal <= 1.1x in time and <= 1.25x in peak memory (``LOCAL_OPT_BENCH_NORM_ONLY=1`` skips the
   second measurement: :class:`~local_opt.StatsCapture` with inner products, goal <= 1.2x);
 * ``sizes``: resnet18 at 32, 64, 128 and 224 px (the cost model must hold across sizes);
+* ``small``: the separate pass at b=16 on small models, where the fixed cost per layer and per
+  tensor operation dominates (issue 20): timm's ``test_resnet`` (32 px, train mode), timm's
+  ``test_vit`` (32 px, d=64) and ``gpt_d64`` (d=64, 2 layers, context 64, vocabulary 256), one
+  ``VarianceTest`` reused across calls as in training, augmented and norm tests (goal <= 1.5x);
 * ``vmap``: ``torch.func`` per-sample gradients (32 px models, one round; it is slow).
 
 Under ``make gpu-check`` (``LOCAL_OPT_BENCH_DEVICE=cuda``) models and batches are on the GPU and
@@ -335,6 +339,48 @@ def test_bench_suggest_sizes(benchmark, request, px):
     record(benchmark, f"resnet18_{px}px_suggest_augmented_vs_step", res, goal=1.5)
     benchmark.extra_info["threads"] = THREADS
     out = benchmark.pedantic(lambda: suggest(model, x, y, loss_fn), rounds=1, warmup_rounds=0)
+    assert 1 <= out
+
+
+SMALL = ["test_resnet", "test_vit", "gpt_d64"]
+
+
+def make_small(name: str, batch: int):
+    """``(model, inputs, targets, loss_fn)`` for a small model of the ``small`` benchmark."""
+    import timm
+
+    torch.manual_seed(0)
+    if name == "gpt_d64":
+        model = GPT(256, 64, 2, 4, 64).to(device())
+        ids = torch.randint(0, 256, (batch, 65)).to(device())
+        return model, ids[:, :-1], ids[:, 1:], lm_loss
+    extra = {"img_size": 32} if name == "test_vit" else {}
+    model = timm.create_model(name, pretrained=False, num_classes=10, **extra).train()
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    return model.to(device()), x.to(device()), y.to(device()), F.cross_entropy
+
+
+@pytest.mark.timeout(3600)
+@pytest.mark.benchmark(group="variance-small")
+@pytest.mark.parametrize("name", SMALL)
+def test_bench_small_suggest_vs_step(benchmark, request, name):
+    """``VarianceTest(backend="hooks").suggest`` at b=16 on small models vs one training step."""
+    pytest.importorskip("timm")
+    small = quick(request)
+    batch = 4 if small else 16
+    torch.set_num_threads(THREADS)
+    model, x, y, loss_fn = make_small(name, batch)
+    repeats = 1 if small else 3 * REPEATS  # a pass takes milliseconds: more repeats
+
+    def base():
+        step(model, x, y, loss_fn)
+
+    for test in ("augmented", "norm"):
+        vt = VarianceTest(model, loss_fn, test=test, backend="hooks", batch_statistics="backend")
+        res = interleaved_ratio(lambda vt=vt: vt.suggest(x, y, batch), base, repeats, warmup=2)
+        record(benchmark, f"{name}_b{batch}_suggest_{test}_vs_step", res, goal=1.5)
+    benchmark.extra_info["threads"] = THREADS
+    out = benchmark.pedantic(lambda: vt.suggest(x, y, batch), rounds=1, warmup_rounds=0)
     assert 1 <= out
 
 

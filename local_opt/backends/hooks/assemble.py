@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from local_opt._stats import GradStats, reduce_units
 from local_opt.backends.hooks.check import UnsupportedShapes
 from local_opt.backends.hooks.rules import LayerStats, Memory, Site
+from local_opt.backends.hooks.rules.base import GroupStats
 
 __all__: list[str] = []  # private module
 
@@ -97,6 +98,35 @@ def _finish(site: Site, n: int, memory: Memory) -> LayerStats:
     return st
 
 
+def _finish_groups(sites: list[Site], n: int, memory: Memory) -> dict[int, LayerStats]:
+    """Finish together the sites whose rules give them equal :meth:`~.rules.Rule.group_key`
+    (two or more); ``id(site) -> LayerStats`` for them. A group whose rule fails is left to
+    the sites' own :meth:`~.rules.Rule.finish`."""
+    keys: dict[tuple, list[Site]] = {}
+    for s in sites:
+        key = s.rule.group_key(s, n, memory)
+        if key is not None:
+            keys.setdefault((id(s.rule), key), []).append(s)
+    out: dict[int, LayerStats] = {}
+    for members in keys.values():
+        if len(members) < 2:
+            continue
+        try:
+            with torch.no_grad():
+                gs = members[0].rule.finish_group(members, n, memory)
+        except _OOM:
+            raise
+        except RuntimeError:  # the sites' own finish names the layer if it fails too
+            continue
+        for j, s in enumerate(members):
+            out[id(s)] = LayerStats(gs.grad_sums[j], gs.sq_norms, _grouped, (gs, j))
+    return out
+
+
+def _grouped(v: dict[str, Tensor]) -> Tensor:
+    raise RuntimeError("a layer finished in a group has the group's inner products")
+
+
 def assemble(
     params: list[nn.Parameter],
     sites: list[Site],
@@ -129,12 +159,17 @@ def assemble(
     sq = torch.zeros(n, dtype=torch.float64, device=params[0].device if params else None)
     free = grant_keep(sites, n, keep_bytes, mode)
     workspaces = _acquire(sites, n)
-    memory = Memory(free, workspaces, inner_products)
+    memory = Memory(free, workspaces, inner_products, keep_patches=True)
+    grouped = _finish_groups(sites, n, memory)
     finished = []
     for s in sites:
-        st = _finish(s, n, memory)
+        st = grouped.get(id(s))
+        if st is None:
+            st = _finish(s, n, memory)
+            sq += st.sq_norms.to(sq.device)
+        elif st.group is not None and st.group[1] == 0:  # the group's norms, once
+            sq += st.sq_norms.to(sq.device)
         finished.append((s, st))
-        sq += st.sq_norms.to(sq.device)
         s.calls = []
     return reduce_layers(
         params, finished, bare, bare_grads, n, sq, inner_products, scale, workspaces
@@ -185,9 +220,15 @@ def reduce_layers(
             else:
                 g = per_bare[-1 - j]
                 ip += (g @ vp.detach().reshape(-1).to(g.dtype)).double().to(ip.device)
+        groups: dict[int, tuple[GroupStats, list[dict[str, Tensor]]]] = {}
         for st, vs in zip(layers, by_site):
-            if vs:
+            if st.group is not None:  # every member has all its parameters in v
+                gs, _ = st.group
+                groups.setdefault(id(gs), (gs, []))[1].append(vs)
+            elif vs:
                 ip += st.inner(vs).to(ip.device)
+        for gs, vss in groups.values():
+            ip += gs.inner(vss).to(ip.device)
         return ip * scale
 
     if workspaces:  # back to the cache when the statistics (which hold ``dots``) are released

@@ -30,6 +30,7 @@ from local_opt.backends.hooks.check import (
 from local_opt.backends.hooks.inline import eligible, install
 from local_opt.backends.hooks.plan import (
     _VALIDATED,
+    cached_plan,
     expand_bare,
     owner_of,
     plan_model,
@@ -109,9 +110,9 @@ def hooks_grad_stats(
         raise ValueError(f"Invalid mode: {mode!r}")
     args = _split_inputs(inputs)
     n = int(args[0].shape[0])
-    sites, bare, missing = plan_model(model)
+    sites, bare, missing = cached_plan(model)
     if not missing and find_off_batch(model, args):  # once per model: layers run off the batch
-        sites, bare, missing = plan_model(model)
+        sites, bare, missing = cached_plan(model)
     if missing:
         raise RuntimeError(
             f"The hooks backend does not cover {', '.join(missing)}; use the vmap or micro-batch backend"
@@ -127,10 +128,7 @@ def hooks_grad_stats(
                 validate_bare(model, args, expanded, saved)
                 for s in sites:
                     s.calls.clear()
-            if expanded:
-                out = torch.func.functional_call(model, expanded, args, strict=False)
-            else:
-                out = model(*args)
+            out = _call_with(model, bare, expanded, args) if expanded else model(*args)
             loss = loss_fn(out, targets)
             if loss.dim() != 0:
                 raise ValueError(
@@ -164,6 +162,27 @@ def hooks_grad_stats(
             raise UnaccountedGradient(bad)
         mark_checked(model, checked)
     return stats
+
+
+def _call_with(
+    model: nn.Module,
+    bare: list[tuple[str, nn.Parameter]],
+    expanded: dict[str, Tensor],
+    args: tuple[Tensor, ...],
+) -> Any:
+    """``model(*args)`` with the bare parameters replaced by their per-sample copies (as
+    ``torch.func.functional_call`` would, without its walks over the model; a bare parameter is
+    never shared, :func:`~.plan.plan_model` reports those)."""
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    try:
+        for q, p in bare:
+            owner, name = owner_of(model, q)
+            owner._parameters[name] = expanded[q]  # type: ignore[assignment]
+            swapped.append((owner, name, p))
+        return model(*args)
+    finally:
+        for owner, name, p in swapped:
+            owner._parameters[name] = p
 
 
 def hooks_stats(

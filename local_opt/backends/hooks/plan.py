@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from local_opt.backends.hooks.check import UNCOVERED
 from local_opt.backends.hooks.rules import Site, find_rule
 from local_opt.backends.hooks.rules.bare import BARE_RULE, OFF_BATCH, takes_loose
+from local_opt.backends.hooks.rules.base import NAMED_RULES, RULES
 from local_opt.backends.hooks.rules.tied import plan_tied
 
 __all__: list[str] = []  # private module
@@ -98,6 +99,70 @@ def plan_model(model: nn.Module) -> tuple[list[Site], list[tuple[str, nn.Paramet
     if model in UNCOVERED:
         missing.append(f"{', '.join(UNCOVERED[model])} (gradient through a path the hooks missed)")
     return sites, bare, missing
+
+
+# Plans of the separate pass by model (:func:`cached_plan`): the fingerprint they were made for,
+# site templates (the model itself as None, so that the entry does not keep the model alive),
+# bare parameters, what is missing, and the parameters the fingerprint names by id (kept alive
+# so that no other parameter can take their id while the entry exists).
+_PLANS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(model: nn.Module, keep: list[Tensor]) -> list:
+    """What :func:`plan_model` reads: the rule registries, the model's uncovered mark, and per
+    module its name, identity, rule, the rule's objection (:meth:`~.rules.Rule.unsupported`,
+    which reads the module's attributes), whether it runs off the batch, and its parameters
+    (identity, ``requires_grad``, broadcast shape)."""
+    out: list = [len(RULES), len(NAMED_RULES), tuple(UNCOVERED.get(model, ()))]
+    for mname, m in model.named_modules():
+        if not m._parameters:  # the plan reads nothing else of a module without parameters
+            out.append((mname, None if m is model else m))
+            continue
+        rule = find_rule(m)
+        params = []
+        for n, p in m._parameters.items():
+            if p is not None:
+                keep.append(p)
+                params.append((n, id(p), p.requires_grad, _is_broadcast(p)))
+        out.append(
+            (
+                mname,
+                None if m is model else m,  # the entry must not hold the model itself
+                rule,
+                None if rule is None else rule.unsupported(m),
+                m in OFF_BATCH,
+                tuple(params),
+            )
+        )
+    return out
+
+
+def cached_plan(model: nn.Module) -> tuple[list[Site], list[tuple[str, nn.Parameter]], list[str]]:
+    """:func:`plan_model`, reused while :func:`_fingerprint` is unchanged (for the separate pass,
+    whose fixed cost matters on small models). The sites are fresh objects on every call (their
+    ``calls`` and ``mode`` belong to one pass)."""
+    keep: list[Tensor] = []
+    key = _fingerprint(model, keep)
+    hit = _PLANS.get(model)
+    if hit is None or hit[0] != key:
+        sites, bare, missing = plan_model(model)
+        holds_model = any(
+            s.module is model and s.rule is not BARE_RULE for s in sites
+        ) or any(m is model for s in sites for _, m, *_ in getattr(s.rule, "members", ()))
+        if holds_model:  # e.g. the model is itself a covered layer: plan every time
+            _PLANS.pop(model, None)
+            return sites, bare, missing
+        templates = [
+            Site(s.name, None if s.module is model else s.module, s.rule, s.params)  # type: ignore[arg-type]
+            for s in sites
+        ]
+        hit = (key, templates, bare, missing, keep)
+        _PLANS[model] = hit
+    _, templates, bare, missing, _ = hit
+    sites = [
+        Site(t.name, model if t.module is None else t.module, t.rule, t.params) for t in templates
+    ]
+    return sites, list(bare), list(missing)
 
 
 def unsupported_layers(model: nn.Module) -> list[str]:

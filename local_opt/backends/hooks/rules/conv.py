@@ -36,6 +36,8 @@ def _geometry(module: nn.Module, a: Tensor) -> tuple[Tensor, tuple[int, ...]]:
 class ConvRule(AffineRule):
     """``nn.Conv1d`` / ``nn.Conv2d`` (any stride, padding, padding mode, dilation, groups)."""
 
+    patch_sums = True
+
     def unsupported(self, module: nn.Module) -> str | None:
         if not isinstance(module, (nn.Conv1d, nn.Conv2d)):
             return "only Conv1d and Conv2d are supported"

@@ -82,6 +82,8 @@ class ConvTransposeRule(ConvRule):
     """``nn.ConvTranspose1d/2d/3d`` (any stride, padding, output padding, dilation, groups):
     a convolution's rule with the patches of ``δ`` and the input as the output gradient."""
 
+    patch_sums = False  # the roles are swapped: keep to weight_sum and weight_forward
+
     def unsupported(self, module: nn.Module) -> str | None:
         if module.padding_mode != "zeros":
             return "only zero padding"

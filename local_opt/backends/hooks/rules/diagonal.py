@@ -9,15 +9,20 @@ bias, with :math:`\hat x = h(x)` recomputed from the saved input) that are alway
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from local_opt.backends.hooks.rules.base import (
+    GROUP_ELEMENTS,
     Call,
+    GroupStats,
     LayerStats,
     Memory,
     Rule,
     Site,
+    layer_dots,
     register_named,
     sq_norms,
 )
@@ -28,6 +33,11 @@ __all__: list[str] = []  # private module
 
 class DiagonalRule(Rule):
     """Per-sample ``weight`` gradient ``Σ_pos δ ⊙ h(x)``, ``bias`` gradient ``Σ_pos δ``."""
+
+    #: Whether ``normalized`` acts on the trailing dimensions (the parameters' shape, the
+    #: module's ``normalized_shape``) whatever the leading ones, and ``weight_grads`` is the
+    #: default: then layers of equal shapes may be finished together (:meth:`finish_group`).
+    trailing = False
 
     def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -80,6 +90,61 @@ class DiagonalRule(Rule):
             return res
 
         return LayerStats(grad_sum, sq, inner)
+
+
+    def group_key(self, site: Site, n: int, memory: Memory) -> Any:
+        if not self.trailing or len(site.calls) != 1 or site.calls[0].delta is None:
+            return None
+        if not site.params or set(site.params) - {"weight", "bias"}:
+            return None
+        shape = tuple(getattr(site.module, "normalized_shape", ()))
+        ref = next(iter(site.params.values()))
+        x, d = site.calls[0].inputs, site.calls[0].delta
+        if (
+            not shape
+            or any(tuple(p.shape) != shape or p.dtype != ref.dtype for p in site.params.values())
+            or x.shape != d.shape
+            or x.dim() <= len(shape)
+            or x.shape[0] != n
+            or tuple(x.shape[x.dim() - len(shape) :]) != shape
+            or x.dtype != ref.dtype
+            or d.dtype != ref.dtype
+            or 2 * x.numel() > GROUP_ELEMENTS
+        ):
+            return None
+        eps = getattr(site.module, "eps", None)
+        return (type(self), tuple(x.shape), shape, eps, tuple(site.params), ref.dtype, ref.device)
+
+    def finish_group(self, sites: list[Site], n: int, memory: Memory) -> GroupStats:
+        """Layers of equal shapes on the stacked inputs and output gradients: ``normalized``
+        once over all of them, the per-sample gradients as ``(L, N, P)`` tensors."""
+        ll = len(sites)
+        module = sites[0].module
+        names = list(sites[0].params)
+        p = next(iter(sites[0].params.values())).numel()
+        x = torch.stack([s.calls[0].inputs for s in sites])
+        d = torch.stack([s.calls[0].delta for s in sites])
+        per: dict[str, Tensor] = {}
+        if "weight" in names:
+            xhat = self.normalized(module, x.view(ll * n, *x.shape[2:])).view(x.shape)
+            per["weight"] = (d * xhat).view(ll, n, -1, p).sum(2)  # (L, N, P)
+        if "bias" in names:
+            per["bias"] = d.view(ll, n, -1, p).sum(2)
+        sq = sum(torch.linalg.vector_norm(g, dim=2).double().square() for g in per.values())
+        totals = {name: g.sum(1) for name, g in per.items()}  # (L, P)
+        shapes = {name: prm.shape for name, prm in sites[0].params.items()}
+        sums = [{name: totals[name][j].view(shapes[name]) for name in names} for j in range(ll)]
+
+        def inner(vs: list[dict[str, Tensor]]) -> Tensor:
+            res = None
+            for name, g in per.items():
+                v = torch.stack([vj[name].reshape(-1) for vj in vs]).to(g.dtype)
+                r = layer_dots(g, v)
+                res = r if res is None else res.add_(r)
+            assert res is not None
+            return res.double().sum(0)
+
+        return GroupStats(sums, sq.sum(0), inner)  # type: ignore[union-attr]
 
 
 class LayerScaleRule(DiagonalRule):

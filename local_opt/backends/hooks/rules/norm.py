@@ -3,17 +3,30 @@ GlobalResponseNorm and timm's variants (with their fused ``drop``/``act`` submod
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from local_opt.backends.hooks.rules.base import Call, register, register_named
+from local_opt.backends.hooks.rules.base import (
+    GROUP_ELEMENTS,
+    Call,
+    GroupStats,
+    Memory,
+    Site,
+    layer_dots,
+    register,
+    register_named,
+)
 from local_opt.backends.hooks.rules.diagonal import DiagonalRule
 
 __all__: list[str] = []  # private module
 
 
 class LayerNormRule(DiagonalRule):
+    trailing = True
+
     def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
 
@@ -70,16 +83,77 @@ class BatchNormRule(DiagonalRule):
         xv, dv = x.view(n * c, -1, 1), delta.view(n * c, 1, -1)
         sdx = torch.bmm(dv, xv).view(n, c).double()
         sd = dv.sum(2).view(n, c).double()
+        mean, rstd = self._mean_rstd(module, x, c, call)
+        return ((sdx - mean * sd) * rstd).to(delta.dtype).reshape(n, *shape)
+
+    def _mean_rstd(
+        self, module: nn.Module, x: Tensor, c: int, call: Call | None
+    ) -> tuple[Tensor, Tensor]:
+        """The mean and inverse standard deviation ``x`` was normalized with (float64)."""
         stats = getattr(call, "bn_stats", None)
         if not self._batch_stats(module):
             mean = module.running_mean.double()
-            rstd = torch.rsqrt(module.running_var.double() + module.eps)
-        elif stats is not None and stats[0].shape == (c,):
-            mean, rstd = stats[0].double(), stats[1].double()
-        else:
-            var, mean = torch.var_mean(x, dim=(0, *range(2, x.dim())), correction=0)
-            mean, rstd = mean.double(), torch.rsqrt(var.double() + module.eps)
-        return ((sdx - mean * sd) * rstd).to(delta.dtype).reshape(n, *shape)
+            return mean, torch.rsqrt(module.running_var.double() + module.eps)
+        if stats is not None and stats[0].shape == (c,):
+            return stats[0].double(), stats[1].double()
+        var, mean = torch.var_mean(x, dim=(0, *range(2, x.dim())), correction=0)
+        return mean.double(), torch.rsqrt(var.double() + module.eps)
+
+    def group_key(self, site: Site, n: int, memory: Memory) -> Any:
+        """BatchNorm layers called once on inputs of equal small shapes."""
+        if len(site.calls) != 1 or site.calls[0].delta is None:
+            return None
+        if not site.params or set(site.params) - {"weight", "bias"}:
+            return None
+        ref = next(iter(site.params.values()))
+        c = ref.numel()
+        x, d = site.calls[0].inputs, site.calls[0].delta
+        if (
+            x.shape != d.shape
+            or x.dim() < 2
+            or x.shape[0] != n
+            or x.shape[1] != c
+            or any(p.shape != (c,) or p.dtype != ref.dtype for p in site.params.values())
+            or x.dtype != ref.dtype
+            or d.dtype != ref.dtype
+            or 2 * x.numel() > GROUP_ELEMENTS
+        ):
+            return None
+        return (type(self), tuple(x.shape), tuple(site.params), ref.dtype, ref.device)
+
+    def finish_group(self, sites: list[Site], n: int, memory: Memory) -> GroupStats:
+        """:meth:`weight_grads` for the stacked inputs and output gradients of ``L`` layers."""
+        ll = len(sites)
+        c = next(iter(sites[0].params.values())).numel()
+        x = torch.stack([s.calls[0].inputs for s in sites]).view(ll, n, c, -1)
+        d = torch.stack([s.calls[0].delta for s in sites]).view(ll, n, c, -1)
+        sd = d.sum(3)  # (L, N, C): the per-sample bias gradients
+        per: dict[str, Tensor] = {}
+        if "weight" in sites[0].params:
+            stats = [
+                self._mean_rstd(s.module, s.calls[0].inputs, c, s.calls[0]) for s in sites
+            ]
+            mean = torch.stack([m for m, _ in stats]).unsqueeze(1)  # (L, 1, C)
+            rstd = torch.stack([r for _, r in stats]).unsqueeze(1)
+            sdx = torch.linalg.vecdot(d, x).double()
+            per["weight"] = ((sdx - mean * sd.double()) * rstd).to(d.dtype)
+        if "bias" in sites[0].params:
+            per["bias"] = sd
+        sq = sum(torch.linalg.vector_norm(g, dim=2).double().square() for g in per.values())
+        totals = {name: g.sum(1) for name, g in per.items()}
+        names = list(sites[0].params)
+        sums = [{name: totals[name][j] for name in names} for j in range(ll)]
+
+        def inner(vs: list[dict[str, Tensor]]) -> Tensor:
+            res = None
+            for name, g in per.items():
+                v = torch.stack([vj[name].reshape(-1) for vj in vs]).to(g.dtype)
+                r = layer_dots(g, v)
+                res = r if res is None else res.add_(r)
+            assert res is not None
+            return res.double().sum(0)
+
+        return GroupStats(sums, sq.sum(0), inner)  # type: ignore[union-attr]
 
 
 class _WithAct:
@@ -115,6 +189,7 @@ class RMSNormRule(DiagonalRule):
     """``nn.RMSNorm`` and timm's ``RmsNorm``: ``x / rms(x)`` over the trailing dimensions."""
 
     param_names = ("weight",)
+    trailing = True
 
     def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
         return F.rms_norm(x, module.normalized_shape, None, module.eps)
