@@ -354,6 +354,7 @@ class StatsCapture:
         self._bare_grads: dict[str, Tensor] = {}
         self._swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
         self._validating = False
+        self._installed = False
         self._checked: list[nn.Parameter] = []
         self._fingerprints: GradFingerprints | None = None
         self._reset()
@@ -372,22 +373,21 @@ class StatsCapture:
         self._result: GradStats | Exception | None = None
 
     def __enter__(self) -> StatsCapture:
-        sites, bare, missing = plan_model(self.model)
+        _, _, missing = plan_model(self.model)  # what no probe can change: reported at once
         if missing:
             raise RuntimeError(
                 f"The hooks backend does not cover {', '.join(missing)}; use the vmap or "
                 "micro-batch backend"
             )
-        self._sites, self._bare, self._forwards, self._bare_grads = sites, bare, 0, {}
+        self._sites, self._bare, self._forwards, self._bare_grads = [], [], 0, {}
+        self._installed = False
         self._reset()
-        self._checked = [p for s in sites for p in s.params.values()]
-        self._fingerprints = GradFingerprints(self._checked)
         try:
-            for s in sites:
-                if eligible(s):
-                    self._undo.append(install(s, self, self._on_call(s), self._active))
-                else:
-                    self._handles.extend(_register_site(s, self._on_call(s)))
+            # the layers' hooks are placed at the first forward, when the batch is known
+            # (:meth:`_install`); this hook runs before every other forward pre-hook
+            self._handles.append(
+                self.model.register_forward_pre_hook(self._install, with_kwargs=True, prepend=True)
+            )
             self._handles.append(
                 self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
             )
@@ -396,6 +396,47 @@ class StatsCapture:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def _install(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        """At the model's first forward in the block: probe it once per model for covered layers
+        run off the batch (GPT-2's ``wpe`` on position ids of shape ``(1, T)``: their parameters
+        are then followed as loose parameters, as :func:`hooks_grad_stats` does), plan it and
+        place the layers' hooks. Model-level pre-hooks placed here (the loose parameters' rule)
+        are called here for this forward: the module already chose which pre-hooks to run."""
+        if self._installed or self._validating or in_backward():
+            return
+        self._installed = True
+        if args and isinstance(args[0], Tensor):
+            devices = [t.device for t in args if isinstance(t, Tensor) and t.is_cuda]
+            with torch.random.fork_rng(devices=devices):  # the step's dropout draws as without
+                find_off_batch(model, args, kwargs)
+        sites, bare, missing = plan_model(model)
+        if missing:  # not the step's error: grad_stats raises it
+            self._errors.append(
+                RuntimeError(
+                    f"The hooks backend does not cover {', '.join(missing)}; use the vmap or "
+                    "micro-batch backend"
+                )
+            )
+            return
+        self._sites, self._bare = sites, bare
+        self._checked = [p for s in sites for p in s.params.values()]
+        self._fingerprints = GradFingerprints(self._checked)
+        before = set(model._forward_pre_hooks)
+        for s in sites:
+            if eligible(s):
+                self._undo.append(install(s, self, self._on_call(s), self._active))
+            else:
+                self._handles.extend(_register_site(s, self._on_call(s)))
+        for key, hook in list(model._forward_pre_hooks.items()):
+            if key in before:
+                continue
+            if key in model._forward_pre_hooks_with_kwargs:
+                out = hook(model, args, kwargs)
+            else:
+                out = hook(model, args)
+            if out is not None:
+                raise RuntimeError("StatsCapture: a rule's forward pre-hook changed the arguments")
 
     def __exit__(self, *exc: Any) -> None:
         self._restore()
