@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_hooks_coverage import flat, loop_per_sample, randomize, rel
+from test_hooks_coverage import flat, randomize, rel
 from torch import nn
 
 from local_opt import StatsCapture, VarianceTest
@@ -62,18 +62,22 @@ def _hf(kind: str) -> nn.Module:
 
 
 class NanoGPT(nn.Module):
-    """nanoGPT's embedding: ``wpe(arange(T))``, one-dimensional positions broadcast on the batch."""
+    """nanoGPT's embedding, ``wpe(arange(T))``: one-dimensional positions broadcast on the batch;
+    with ``bare``, also a parameter of shape ``(1, 1, d)`` broadcast on it."""
 
-    def __init__(self, vocab=VOCAB, dim=16, context=16):
+    def __init__(self, vocab=VOCAB, dim=16, context=16, bare=False):
         super().__init__()
         self.wte = nn.Embedding(vocab, dim)
         self.wpe = nn.Embedding(context, dim)
+        self.gain = nn.Parameter(torch.ones(1, 1, dim)) if bare else None
         self.ln = nn.LayerNorm(dim)
         self.fc = nn.Linear(dim, dim)
         self.head = nn.Linear(dim, vocab)
 
     def forward(self, ids):
         x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
+        if self.gain is not None:
+            x = x * self.gain
         return self.head(self.ln(x + torch.tanh(self.fc(x))))
 
 
@@ -84,21 +88,46 @@ def _tokens(n=3, t=7, lm=True):
     return ids, y
 
 
-CASES = {  # name: (model, loss, language model, tolerance)
-    "gpt2": (lambda: Logits(_hf("gpt2")), lm_loss, True, TOL),
-    "gpt2_positional": (lambda: _hf("gpt2"), lambda out, y: lm_loss(out.logits, y), True, TOL),
+def _positional(loss_fn):
+    return lambda model, x, y: loss_fn(model(x), y)
+
+
+def _gpt2_labels(model, x, y):  # keyword arguments only; the model's own (shifted) loss
+    return model(input_ids=x, labels=x).loss
+
+
+CASES = {  # name: (model, the step's loss, language model, tolerance)
+    "gpt2": (lambda: Logits(_hf("gpt2")), _positional(lm_loss), True, TOL),
+    "gpt2_positional": (
+        lambda: _hf("gpt2"), lambda model, x, y: lm_loss(model(x).logits, y), True, TOL
+    ),
+    # the model's own loss casts the logits to float32: the reference itself is float32 there
+    "gpt2_keywords": (lambda: _hf("gpt2"), _gpt2_labels, True, 1e-6),
     # Llama's rotary embedding computes cos/sin in float32 even in a float64 model: a plain
     # batch step and the per-sample loop already differ by 5e-8 relative
-    "llama": (lambda: Logits(_hf("llama")), lm_loss, True, 1e-6),
-    "bert": (lambda: Logits(_hf("bert")), cls_loss, False, TOL),
-    "nanogpt": (lambda: NanoGPT(), lm_loss, True, TOL),
+    "llama": (lambda: Logits(_hf("llama")), _positional(lm_loss), True, 1e-6),
+    "bert": (lambda: Logits(_hf("bert")), _positional(cls_loss), False, TOL),
+    "nanogpt": (lambda: NanoGPT(), _positional(lm_loss), True, TOL),
+    "nanogpt_bare_keywords": (
+        lambda: NanoGPT(bare=True), lambda model, x, y: lm_loss(model(ids=x), y), True, TOL
+    ),
 }
+
+
+def loop(model: nn.Module, step, x, y) -> torch.Tensor:
+    """Per-sample gradients ``(N, P)``: one forward and backward of ``step`` per sample."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(x.shape[0]):
+        gs = torch.autograd.grad(step(model, x[i : i + 1], y[i : i + 1]), params, allow_unused=True)
+        rows.append(flat(torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)))
+    return torch.stack(rows)
 
 
 @MODES
 @pytest.mark.parametrize("name", list(CASES))
 def test_first_capture_matches_loop(name, train):
-    make, loss_fn, lm, tol = CASES[name]
+    make, step, lm, tol = CASES[name]
     model = randomize(make().double(), 0.02).train(train)
     assert unsupported_layers(model) == []
     x, y = _tokens(lm=lm)
@@ -107,11 +136,11 @@ def test_first_capture_matches_loop(name, train):
     v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
 
     with StatsCapture(model) as cap:  # the model's first hooks pass
-        loss_fn(model(x), y).backward()
+        step(model, x, y).backward()
     got = cap.grad_stats()
     grads = flat(p.grad for p in params)
 
-    ref = loop_per_sample(model, loss_fn, x, y)
+    ref = loop(model, step, x, y)
     ref_sum = ref.sum(0)
     assert rel(grads, ref_sum / x.shape[0]) <= tol  # the step's gradient is unchanged
     assert rel(flat(got.grad_sum) * got.sum_scale, ref_sum) <= tol
@@ -150,7 +179,7 @@ def test_variance_test_capture_gpt2_first_step(train, dtype):
     with vt.capture() as c:
         lm_loss(model(x), y).backward()
     got = vt.suggest_from_capture(c, b)
-    ref = loop_per_sample(model.double(), lm_loss, x, y)
+    ref = loop(model.double(), _positional(lm_loss), x, y)
     raw, want = _paper_norm_size(ref, b, eta, cap)
     tol = TOL if dtype == torch.float64 else 1e-4
     assert vt.last_stats["backend"] == "hooks_capture"

@@ -36,7 +36,7 @@ from local_opt.backends.hooks.plan import (
     validate_bare,
 )
 from local_opt.backends.hooks.rules import Call, LayerStats, Memory, Site, input_of
-from local_opt.backends.hooks.rules.bare import find_off_batch
+from local_opt.backends.hooks.rules.bare import batch_of, find_off_batch
 from local_opt.backends.stack import in_backward, plain_checkpoints
 from local_opt.backends.vmap import vmap_stats
 
@@ -373,14 +373,14 @@ class StatsCapture:
         self._result: GradStats | Exception | None = None
 
     def __enter__(self) -> StatsCapture:
-        _, _, missing = plan_model(self.model)  # what no probe can change: reported at once
+        sites, bare, missing = plan_model(self.model)
         if missing:
             raise RuntimeError(
                 f"The hooks backend does not cover {', '.join(missing)}; use the vmap or "
                 "micro-batch backend"
             )
-        self._sites, self._bare, self._forwards, self._bare_grads = [], [], 0, {}
-        self._installed = False
+        self._sites, self._bare, self._forwards, self._bare_grads = sites, bare, 0, {}
+        self._checked, self._fingerprints, self._installed = [], None, False
         self._reset()
         try:
             # the layers' hooks are placed at the first forward, when the batch is known
@@ -398,28 +398,41 @@ class StatsCapture:
         return self
 
     def _install(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
-        """At the model's first forward in the block: probe it once per model for covered layers
-        run off the batch (GPT-2's ``wpe`` on position ids of shape ``(1, T)``: their parameters
-        are then followed as loose parameters, as :func:`hooks_grad_stats` does), plan it and
-        place the layers' hooks. Model-level pre-hooks placed here (the loose parameters' rule)
-        are called here for this forward: the module already chose which pre-hooks to run."""
+        """At the model's first forward in the block: probe it (once per model) for covered
+        layers run off the batch, such as GPT-2's ``wpe`` on position ids of shape ``(1, T)``,
+        whose parameters are then followed as loose parameters (as :func:`hooks_grad_stats`
+        does); check once per model that per-sample copies of the bare parameters leave the
+        output unchanged (:func:`~.plan.validate_bare`); then place the layers' hooks.
+        Model-level pre-hooks placed here (the loose parameters' rule) are called here for this
+        forward: the module has already taken the list of pre-hooks it runs."""
         if self._installed or self._validating or in_backward():
             return
         self._installed = True
-        if args and isinstance(args[0], Tensor):
-            devices = [t.device for t in args if isinstance(t, Tensor) and t.is_cuda]
-            with torch.random.fork_rng(devices=devices):  # the step's dropout draws as without
-                find_off_batch(model, args, kwargs)
-        sites, bare, missing = plan_model(model)
-        if missing:  # not the step's error: grad_stats raises it
-            self._errors.append(
-                RuntimeError(
-                    f"The hooks backend does not cover {', '.join(missing)}; use the vmap or "
-                    "micro-batch backend"
+        if find_off_batch(model, args, kwargs):
+            self._sites, self._bare, missing = plan_model(model)
+            if missing:  # not the training step's error: grad_stats raises it
+                self._sites, self._bare = [], []
+                self._errors.append(
+                    RuntimeError(
+                        f"The hooks backend does not cover {', '.join(missing)}; use the vmap "
+                        "or micro-batch backend"
+                    )
                 )
-            )
-            return
-        self._sites, self._bare = sites, bare
+                return
+        first = batch_of(args, kwargs)
+        if (
+            self._bare
+            and isinstance(first, Tensor)
+            and _VALIDATED.get(model) != frozenset(q for q, _ in self._bare)
+        ):  # before any rule's hook: the validating forwards run without them
+            saved = {k: b.detach().clone() for k, b in model.named_buffers()}
+            expanded = {q: expand_bare(p, int(first.shape[0])) for q, p in self._bare}
+            self._validating = True
+            try:
+                validate_bare(model, args, expanded, saved, kwargs)
+            finally:
+                self._validating = False
+        sites = self._sites
         self._checked = [p for s in sites for p in s.params.values()]
         self._fingerprints = GradFingerprints(self._checked)
         before = set(model._forward_pre_hooks)
@@ -549,20 +562,13 @@ class StatsCapture:
         if self._validating:
             return
         self._forwards += 1
-        first = args[0] if args else next(iter(kwargs.values()), None)
+        first = batch_of(args, kwargs)
         if not isinstance(first, Tensor):
-            raise RuntimeError("StatsCapture needs the batch as the model's first argument")
+            raise RuntimeError(
+                "StatsCapture needs the batch as the model's first argument (or first keyword "
+                "argument): call model(x, ...)"
+            )
         self._n = int(first.shape[0])
-        if not self._bare:
-            return
-        if _VALIDATED.get(model) != frozenset(q for q, _ in self._bare):
-            saved = {k: b.detach().clone() for k, b in model.named_buffers()}
-            expanded = {q: expand_bare(p, self._n) for q, p in self._bare}
-            self._validating = True
-            try:
-                validate_bare(model, args, expanded, saved)
-            finally:
-                self._validating = False
         # Per-sample views of the bare parameters: their gradient is summed back into the
         # parameter by autograd, and a hook keeps the per-sample rows.
         for q, p in self._bare:
