@@ -324,9 +324,6 @@ def test_bench_compare(benchmark, request, name, method):
             pytest.skip(f"full size only (the tiny run covers {QUICK_MODELS})")
         if method == "backpack" and name in LMS:
             pytest.skip("BackPACK's samples are the loss's rows (tokens), not sequences")
-        if method == "capture" and name == "hf_gpt2":
-            pytest.xfail("StatsCapture does not probe layers run off the batch (GPT-2's wpe on "
-                         "position ids) before the model's first hooks pass")
         try:
             got = measure(name, method, 4, True, 1, peaks=False)
         except Exception as e:  # noqa: BLE001 - third-party methods: what they do not support

@@ -37,7 +37,7 @@ from local_opt.backends.hooks.plan import (
     validate_bare,
 )
 from local_opt.backends.hooks.rules import Call, LayerStats, Memory, Site, input_of
-from local_opt.backends.hooks.rules.bare import find_off_batch
+from local_opt.backends.hooks.rules.bare import batch_of, find_off_batch
 from local_opt.backends.stack import in_backward, plain_checkpoints
 from local_opt.backends.vmap import vmap_stats
 
@@ -373,6 +373,7 @@ class StatsCapture:
         self._bare_grads: dict[str, Tensor] = {}
         self._swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
         self._validating = False
+        self._installed = False
         self._checked: list[nn.Parameter] = []
         self._fingerprints: GradFingerprints | None = None
         self._reset()
@@ -398,15 +399,14 @@ class StatsCapture:
                 "micro-batch backend"
             )
         self._sites, self._bare, self._forwards, self._bare_grads = sites, bare, 0, {}
+        self._checked, self._fingerprints, self._installed = [], None, False
         self._reset()
-        self._checked = [p for s in sites for p in s.params.values()]
-        self._fingerprints = GradFingerprints(self._checked)
         try:
-            for s in sites:
-                if eligible(s):
-                    self._undo.append(install(s, self, self._on_call(s), self._active))
-                else:
-                    self._handles.extend(_register_site(s, self._on_call(s)))
+            # the layers' hooks are placed at the first forward, when the batch is known
+            # (:meth:`_install`); this hook runs before every other forward pre-hook
+            self._handles.append(
+                self.model.register_forward_pre_hook(self._install, with_kwargs=True, prepend=True)
+            )
             self._handles.append(
                 self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
             )
@@ -415,6 +415,60 @@ class StatsCapture:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def _install(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        """At the model's first forward in the block: probe it (once per model) for covered
+        layers run off the batch, such as GPT-2's ``wpe`` on position ids of shape ``(1, T)``,
+        whose parameters are then followed as loose parameters (as :func:`hooks_grad_stats`
+        does); check once per model that per-sample copies of the bare parameters leave the
+        output unchanged (:func:`~.plan.validate_bare`); then place the layers' hooks.
+        Model-level pre-hooks placed here (the loose parameters' rule) are called here for this
+        forward: the module has already taken the list of pre-hooks it runs."""
+        if self._installed or self._validating or in_backward():
+            return
+        self._installed = True
+        if find_off_batch(model, args, kwargs):
+            self._sites, self._bare, missing = plan_model(model)
+            if missing:  # not the training step's error: grad_stats raises it
+                self._sites, self._bare = [], []
+                self._errors.append(
+                    RuntimeError(
+                        f"The hooks backend does not cover {', '.join(missing)}; use the vmap "
+                        "or micro-batch backend"
+                    )
+                )
+                return
+        first = batch_of(args, kwargs)
+        if (
+            self._bare
+            and isinstance(first, Tensor)
+            and _VALIDATED.get(model) != frozenset(q for q, _ in self._bare)
+        ):  # before any rule's hook: the validating forwards run without them
+            saved = {k: b.detach().clone() for k, b in model.named_buffers()}
+            expanded = {q: expand_bare(p, int(first.shape[0])) for q, p in self._bare}
+            self._validating = True
+            try:
+                validate_bare(model, args, expanded, saved, kwargs)
+            finally:
+                self._validating = False
+        sites = self._sites
+        self._checked = [p for s in sites for p in s.params.values()]
+        self._fingerprints = GradFingerprints(self._checked)
+        before = set(model._forward_pre_hooks)
+        for s in sites:
+            if eligible(s):
+                self._undo.append(install(s, self, self._on_call(s), self._active))
+            else:
+                self._handles.extend(_register_site(s, self._on_call(s)))
+        for key, hook in list(model._forward_pre_hooks.items()):
+            if key in before:
+                continue
+            if key in model._forward_pre_hooks_with_kwargs:
+                out = hook(model, args, kwargs)
+            else:
+                out = hook(model, args)
+            if out is not None:
+                raise RuntimeError("StatsCapture: a rule's forward pre-hook changed the arguments")
 
     def __exit__(self, *exc: Any) -> None:
         self._restore()
@@ -527,20 +581,13 @@ class StatsCapture:
         if self._validating:
             return
         self._forwards += 1
-        first = args[0] if args else next(iter(kwargs.values()), None)
+        first = batch_of(args, kwargs)
         if not isinstance(first, Tensor):
-            raise RuntimeError("StatsCapture needs the batch as the model's first argument")
+            raise RuntimeError(
+                "StatsCapture needs the batch as the model's first argument (or first keyword "
+                "argument): call model(x, ...)"
+            )
         self._n = int(first.shape[0])
-        if not self._bare:
-            return
-        if _VALIDATED.get(model) != frozenset(q for q, _ in self._bare):
-            saved = {k: b.detach().clone() for k, b in model.named_buffers()}
-            expanded = {q: expand_bare(p, self._n) for q, p in self._bare}
-            self._validating = True
-            try:
-                validate_bare(model, args, expanded, saved)
-            finally:
-                self._validating = False
         # Per-sample views of the bare parameters: their gradient is summed back into the
         # parameter by autograd, and a hook keeps the per-sample rows.
         for q, p in self._bare:

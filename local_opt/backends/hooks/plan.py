@@ -198,16 +198,18 @@ def validate_bare(
     args: tuple[Tensor, ...],
     expanded: dict[str, Tensor],
     saved: dict[str, Tensor],
+    kwargs: dict[str, Any] | None = None,
 ) -> None:
     """Check once that per-sample copies of the bare parameters leave the output unchanged."""
-    devices = [t.device for t in args if t.is_cuda]
+    kwargs = kwargs or {}
+    devices = [t.device for t in (*args, *kwargs.values()) if isinstance(t, Tensor) and t.is_cuda]
     with torch.no_grad():
         with torch.random.fork_rng(devices=devices):
-            ref = model(*args)
+            ref = model(*args, **kwargs)
         with torch.random.fork_rng(devices=devices):
             for k, b in model.named_buffers():
                 b.copy_(saved[k])
-            got = torch.func.functional_call(model, expanded, args, strict=False)
+            got = torch.func.functional_call(model, expanded, args, kwargs, strict=False)
         for k, b in model.named_buffers():
             b.copy_(saved[k])
     refs, gots = _tensors(ref), _tensors(got)

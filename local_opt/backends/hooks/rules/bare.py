@@ -332,10 +332,24 @@ OFF_BATCH: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _SEEN: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
+def batch_of(args: tuple, kwargs: dict | None) -> Any:
+    """The batch of a model call: its first argument, or its first keyword argument when it has
+    no positional ones (``model(input_ids=ids)``), as :class:`StatsCapture` reads it."""
+    return args[0] if args else next(iter((kwargs or {}).values()), None)
+
+
+def _with_batch(args: tuple, kwargs: dict, x: Tensor) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with the batch (:func:`batch_of`) replaced by ``x``."""
+    if args:
+        return (x, *args[1:]), kwargs
+    return args, {**kwargs, next(iter(kwargs)): x}
+
+
 def _first_samples(args: tuple, kwargs: dict | None) -> tuple[tuple, dict, int]:
     """``(args, kwargs, m)`` cut to their first ``m = min(3, n)`` samples: every tensor with the
-    ``n`` samples of ``args[0]`` along dimension 0 is sliced, anything else passed as is."""
-    n = int(args[0].shape[0])
+    ``n`` samples of the batch (:func:`batch_of`) along dimension 0 is sliced, anything else
+    passed as is."""
+    n = int(batch_of(args, kwargs).shape[0])
     m = min(3, n)
 
     def head(t: Any) -> Any:
@@ -389,13 +403,15 @@ def fresh_caches(model: nn.Module) -> Iterator[Callable[[], None]]:
 
 @contextlib.contextmanager
 def _probing(model: nn.Module) -> Iterator[Callable[[], None]]:
-    """Eval mode and no grad for a probe's forward passes; every module's mode, every buffer and
-    every tensor cache are restored afterwards. Yields the function that empties the caches
-    (call it before each forward)."""
+    """Eval mode and no grad for a probe's forward passes; every module's mode, every buffer,
+    every tensor cache and the random number generators (a training step that follows draws
+    its dropout masks as without the probe) are restored afterwards. Yields the function that
+    empties the caches (call it before each forward)."""
     modes = {mod: mod.training for mod in model.modules()}
     saved = {k: b.detach().clone() for k, b in model.named_buffers()}
+    devices = sorted({t.device.index or 0 for t in model.parameters() if t.is_cuda})
     try:
-        with fresh_caches(model) as empty:
+        with fresh_caches(model) as empty, torch.random.fork_rng(devices=devices):
             model.eval()
             with torch.no_grad():
                 yield empty
@@ -434,7 +450,8 @@ def find_off_batch(model: nn.Module, args: tuple, kwargs: dict | None = None) ->
     """Once per model: run ``model.forward`` on at most 3 samples (eval mode, no grad, state
     restored) and add to :data:`OFF_BATCH` the covered layers whose input never derives from the
     batch and does not have the samples along dimension 0. Returns whether it added any."""
-    if model in _SEEN or not args or not isinstance(args[0], Tensor) or args[0].dim() == 0:
+    x = batch_of(args, kwargs)
+    if model in _SEEN or not isinstance(x, Tensor) or x.dim() == 0:
         return False
     _SEEN.add(model)
     small, small_kw, m = _first_samples(args, kwargs)
@@ -487,16 +504,16 @@ def check_rows(
     samples, and again with one sample's input changed: only that sample's rows may change.
     """
     small, small_kw, m = _first_samples(args, kwargs)
-    n = int(args[0].shape[0])
+    n = int(batch_of(args, kwargs).shape[0])
     linears = [
         mod
         for mod in model.modules()
         if isinstance(find_rule(mod), (LinearRule, DiagonalRule)) and mod not in OFF_BATCH
     ]
 
-    def run(inputs: tuple) -> Trace:
+    def run(inputs: tuple, kw: dict) -> Trace:
         empty()  # every run computes its cached tensors itself
-        batch = [t for t in tree_flatten(inputs)[0] if isinstance(t, Tensor)]
+        batch = [t for t in tree_flatten((inputs, kw))[0] if isinstance(t, Tensor)]
         mode = BareMode(params, batch, probe=True)
 
         def record(mod: nn.Module, a: tuple) -> None:  # Linear layers on k·N rows too
@@ -510,19 +527,19 @@ def check_rows(
         handles = [mod.register_forward_pre_hook(record) for mod in linears]
         try:
             with mode:
-                model.forward(*inputs, **small_kw)  # not model(...): no hooks of the model itself
+                model.forward(*inputs, **kw)  # not model(...): no hooks of the model itself
         finally:
             for h in handles:
                 h.remove()
         return mode.trace
 
     with _probing(model) as empty, _sliced_copies(model, n, m):
-        base = run(small)
+        base = run(small, small_kw)
         if base.unsupported:
             return base.unsupported[0]
         changed = [False] * len(base.outputs)
         for j in sorted({0, m - 1}):
-            other = run((_perturbed(small[0], j), *small[1:]))
+            other = run(*_with_batch(small, small_kw, _perturbed(batch_of(small, small_kw), j)))
             if other.signature() != base.signature():
                 return "the ops on bare parameters depend on the input"
             for i, (a, b) in enumerate(zip(base.outputs, other.outputs)):
