@@ -129,6 +129,28 @@ def layer_dots(g: Tensor, v: Tensor) -> Tensor:
     return torch.stack([g[j] @ v[j] for j in range(g.shape[0])])
 
 
+def group_stats(per: dict[str, Tensor], params: dict[str, Tensor]) -> GroupStats:
+    r"""A group's statistics from its layers' per-sample gradients ``per[name]``, ``(L, N, P)``:
+    the sums :math:`\sum_i g_i` of each layer (shaped as ``params``), the per-sample squared
+    norms summed over the layers and their parameters, and the inner products
+    :math:`\langle g_i, V\rangle` summed likewise."""
+    sq = sum(torch.linalg.vector_norm(g, dim=2).double().square() for g in per.values())
+    totals = {name: g.sum(1) for name, g in per.items()}  # (L, P)
+    ll = next(iter(per.values())).shape[0]
+    sums = [{name: totals[name][j].view(p.shape) for name, p in params.items()} for j in range(ll)]
+
+    def inner(vs: list[dict[str, Tensor]]) -> Tensor:
+        res = None
+        for name, g in per.items():
+            v = torch.stack([vj[name].reshape(-1) for vj in vs]).to(g.dtype)
+            r = layer_dots(g, v)
+            res = r if res is None else res.add_(r)
+        assert res is not None
+        return res.double().sum(0)
+
+    return GroupStats(sums, sq.sum(0), inner)  # type: ignore[union-attr]
+
+
 def sum_but_batch(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1).sum(1)
 

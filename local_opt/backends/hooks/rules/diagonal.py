@@ -22,7 +22,7 @@ from local_opt.backends.hooks.rules.base import (
     Memory,
     Rule,
     Site,
-    layer_dots,
+    group_stats,
     register_named,
     sq_norms,
 )
@@ -130,21 +130,7 @@ class DiagonalRule(Rule):
             per["weight"] = (d * xhat).view(ll, n, -1, p).sum(2)  # (L, N, P)
         if "bias" in names:
             per["bias"] = d.view(ll, n, -1, p).sum(2)
-        sq = sum(torch.linalg.vector_norm(g, dim=2).double().square() for g in per.values())
-        totals = {name: g.sum(1) for name, g in per.items()}  # (L, P)
-        shapes = {name: prm.shape for name, prm in sites[0].params.items()}
-        sums = [{name: totals[name][j].view(shapes[name]) for name in names} for j in range(ll)]
-
-        def inner(vs: list[dict[str, Tensor]]) -> Tensor:
-            res = None
-            for name, g in per.items():
-                v = torch.stack([vj[name].reshape(-1) for vj in vs]).to(g.dtype)
-                r = layer_dots(g, v)
-                res = r if res is None else res.add_(r)
-            assert res is not None
-            return res.double().sum(0)
-
-        return GroupStats(sums, sq.sum(0), inner)  # type: ignore[union-attr]
+        return group_stats(per, sites[0].params)
 
 
 class LayerScaleRule(DiagonalRule):

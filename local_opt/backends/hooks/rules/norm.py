@@ -15,7 +15,7 @@ from local_opt.backends.hooks.rules.base import (
     GroupStats,
     Memory,
     Site,
-    layer_dots,
+    group_stats,
     register,
     register_named,
 )
@@ -139,21 +139,7 @@ class BatchNormRule(DiagonalRule):
             per["weight"] = ((sdx - mean * sd.double()) * rstd).to(d.dtype)
         if "bias" in sites[0].params:
             per["bias"] = sd
-        sq = sum(torch.linalg.vector_norm(g, dim=2).double().square() for g in per.values())
-        totals = {name: g.sum(1) for name, g in per.items()}
-        names = list(sites[0].params)
-        sums = [{name: totals[name][j] for name in names} for j in range(ll)]
-
-        def inner(vs: list[dict[str, Tensor]]) -> Tensor:
-            res = None
-            for name, g in per.items():
-                v = torch.stack([vj[name].reshape(-1) for vj in vs]).to(g.dtype)
-                r = layer_dots(g, v)
-                res = r if res is None else res.add_(r)
-            assert res is not None
-            return res.double().sum(0)
-
-        return GroupStats(sums, sq.sum(0), inner)  # type: ignore[union-attr]
+        return group_stats(per, sites[0].params)
 
 
 class _WithAct:
