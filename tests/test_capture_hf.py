@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_hooks_coverage import flat, randomize, rel
+from test_hooks_models import Logits
 from torch import nn
 
 from local_opt import StatsCapture, VarianceTest
@@ -22,17 +23,6 @@ from local_opt.backends.hooks import unsupported_layers
 TOL = 1e-8
 MODES = pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 VOCAB = 40
-
-
-class Logits(nn.Module):
-    """A Hugging Face model as ``ids -> logits`` (``input_ids`` passed by keyword inside)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids):
-        return self.model(input_ids=ids).logits
 
 
 def lm_loss(out, y):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_backend_hooks import brute_force_contributions
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -23,35 +24,6 @@ def per_sample_loop(model: nn.Module, loss_fn, x, y) -> torch.Tensor:
         gs = torch.autograd.grad(loss_fn(model(x[i : i + 1]), y[i : i + 1]), params)
         rows.append(torch.cat([g.reshape(-1) for g in gs]))
     return torch.stack(rows).double()
-
-
-def contributions(model: nn.Module, loss_fn, x, y) -> torch.Tensor:
-    """Per-sample copies of every Conv2d/Linear/BatchNorm2d parameter; the gradient of ``N·L``
-    at sample ``i``'s copies is its contribution (BatchNorm normalizes over the whole batch)."""
-    n = x.shape[0]
-    copies = {id(p): p.detach().expand(n, *p.shape).clone().requires_grad_(True)
-              for p in model.parameters()}
-
-    def hook(module, args, out):
-        (a,) = args
-        w, b = copies[id(module.weight)], copies[id(module.bias)]
-        if isinstance(module, nn.Conv2d):
-            return torch.cat([F.conv2d(a[i : i + 1], w[i], b[i], module.stride, module.padding)
-                              for i in range(n)])
-        if isinstance(module, nn.Linear):
-            return torch.einsum("nk,nmk->nm", a, w) + b
-        xhat = F.batch_norm(a, None, None, None, None, True, 0.0, module.eps)
-        return xhat * w.view(n, -1, 1, 1) + b.view(n, -1, 1, 1)
-
-    hs = [m.register_forward_hook(hook) for m in model.modules()
-          if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
-    try:
-        loss = loss_fn(model(x), y) * n
-    finally:
-        for h in hs:
-            h.remove()
-    grads = torch.autograd.grad(loss, [copies[id(p)] for p in model.parameters()])
-    return torch.cat([g.reshape(n, -1) for g in grads], 1).double()
 
 
 def flat(ts) -> torch.Tensor:
@@ -146,7 +118,7 @@ def test_cnn_batchnorm_train_matches_contributions(inner):
     model, x, y = _bncnn()
     model.train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    ref = contributions(model, F.cross_entropy, x, y)
+    ref = brute_force_contributions(model, F.cross_entropy, x, y)
     model.load_state_dict(state)
     base = plain_grads(model, F.cross_entropy, x, y)
     after_plain = {k: v.clone() for k, v in model.state_dict().items()}
