@@ -27,6 +27,7 @@ import io
 import json
 import os
 import pickle
+import time
 from collections import OrderedDict
 from typing import Any, Protocol
 
@@ -143,13 +144,31 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _broadcast_save_id() -> int:
-    """A random id from rank 0, the same on every rank: ties the ranks' files to one save."""
+def _agree_on_save_id(path: str, timeout: float) -> int:
+    """A random id from rank 0, the same on every rank: ties the ranks' files to one save.
+
+    It is the save's first collective, and an all-reduce (rank 0's value plus zeros), which no
+    rank completes before every rank joined it. It is waited for at most ``timeout`` seconds, so
+    a save called on some ranks only (``if rank == 0: save_checkpoint(...)``) fails with a
+    message saying so instead of blocking until the process group's timeout.
+    """
     value = int.from_bytes(os.urandom(7), "little")
     if _world_size() == 1:
         return value
-    t = torch.tensor([value], dtype=torch.int64, device=_collective_device())
-    dist.broadcast(t, src=0)
+    t = torch.tensor([value if _rank() == 0 else 0], dtype=torch.int64,
+                     device=_collective_device())
+    work = dist.all_reduce(t, async_op=True)
+    deadline = time.monotonic() + timeout
+    while not work.is_completed():
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"save_checkpoint({path!r}) on rank {_rank()} waited {timeout:g} s for the other "
+                f"{_world_size() - 1} rank(s): saving to a directory is collective, so call it on "
+                "every rank at the same point (not under `if rank == 0:`), or give each rank its "
+                "own file (f'ckpt.{rank}.pt'). A slow rank needs a larger timeout= (seconds). The "
+                "process group cannot be used after this error (a collective is pending).")
+        time.sleep(0.005)
+    work.wait()
     return int(t.item())
 
 
@@ -187,7 +206,7 @@ def _config(pieces: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_checkpoint(path: str | os.PathLike[str], extra: dict[str, Any] | None = None,
-                    **pieces: _Stateful) -> None:
+                    *, timeout: float = 600.0, **pieces: _Stateful) -> None:
     r"""Write ``{name: piece.state_dict()}`` for every keyword, plus the RNG states, to ``path``.
 
     Every rank saves its own state: the sampler's position and the local models between rounds
@@ -205,6 +224,8 @@ def save_checkpoint(path: str | os.PathLike[str], extra: dict[str, Any] | None =
         path: the checkpoint directory, or the file to write.
         extra (dict, optional): anything else to keep with it (e.g. the epoch, the round
             number), made of what the pieces may hold (see below).
+        timeout (float): with a directory, how many seconds a rank waits for the others to
+            join the save before it raises ``RuntimeError`` (default: 600).
         **pieces: objects with ``state_dict()``, e.g. ``model=model, optimizer=opt,
             sampler=sampler, batch_size_policy=vt``.
 
@@ -214,6 +235,8 @@ def save_checkpoint(path: str | os.PathLike[str], extra: dict[str, Any] | None =
             numbers, strings, bytes, ``None``, ``torch.Size`` / ``dtype`` / ``device``, and
             lists, tuples, sets and dicts of them. The message names where it is, e.g.
             ``optimizer.state.3.foo``. Nothing is written then.
+        ValueError: if ``timeout`` is not a positive number.
+        RuntimeError: with a directory, if the other ranks did not join within ``timeout``.
 
     .. note::
         ``iter(DataLoader(...))`` draws a seed from torch's global RNG (for its workers). A resumed
@@ -231,10 +254,12 @@ def save_checkpoint(path: str | os.PathLike[str], extra: dict[str, Any] | None =
 
     .. warning::
         Calling it on rank 0 alone (``if rank == 0: save_checkpoint(...)``, as for a DDP model)
-        loses the other ranks' state: with a directory it blocks in its collectives until the
-        process group's timeout; with a file the other ranks cannot load it (refused, naming the
-        rank that saved it).
+        loses the other ranks' state: with a directory it raises ``RuntimeError`` after
+        ``timeout`` seconds, saying to call it on every rank; with a file the other ranks cannot
+        load it (refused, naming the rank that saved it).
     """
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"Invalid timeout: {timeout!r} (expected a number of seconds > 0)")
     for name, piece in pieces.items():
         if not callable(getattr(piece, "state_dict", None)):
             raise TypeError(f"Invalid {name}: {type(piece).__name__} has no state_dict()")
@@ -258,7 +283,7 @@ def save_checkpoint(path: str | os.PathLike[str], extra: dict[str, Any] | None =
         return
     directory = os.fspath(path)
     os.makedirs(directory, exist_ok=True)
-    state["save_id"] = save_id = _broadcast_save_id()
+    state["save_id"] = save_id = _agree_on_save_id(directory, timeout)
     _atomic_save(state, os.path.join(directory, rank_file(rank)), rank)
     _barrier()  # every rank's file is in place before the manifest says the save is complete
     if rank == 0:

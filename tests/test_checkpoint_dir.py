@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -171,3 +172,35 @@ def test_single_process_directory_round_trip_and_the_path_rule(tmp_path):
     assert is_checkpoint_dir(str(tmp_path / "new") + "/")
     assert not is_checkpoint_dir(tmp_path / "c.pt") and not is_checkpoint_dir(tmp_path / "c.0")
     assert not is_checkpoint_dir(tmp_path / "file")  # an existing file stays a file
+
+
+def _rank0_alone_saves_a_directory(rank: int, world: int, root: str) -> str | None:
+    model, opt, sampler = build(rank)
+    done = os.path.join(root, "rank0_done")
+    if rank == 0:  # the DDP habit: only rank 0 saves
+        error = error_of(lambda: save_checkpoint(os.path.join(root, "ckpt"), timeout=1.5,
+                                                 model=model, optimizer=opt, sampler=sampler))
+        open(done, "w").close()
+        return error
+    while not os.path.exists(done):  # rank 1 stays in the group, as a training rank would
+        time.sleep(0.05)
+    return None
+
+
+@pytest.mark.timeout(120)
+def test_a_directory_saved_on_rank_0_alone_fails_after_the_timeout_saying_what_to_do(tmp_path):
+    start = time.monotonic()
+    results = run_distributed(_rank0_alone_saves_a_directory, 2, str(tmp_path))
+    assert results[1] is None
+    assert results[0].startswith("RuntimeError: save_checkpoint(")
+    assert "on rank 0 waited 1.5 s for the other 1 rank(s)" in results[0]
+    assert "call it on every rank at the same point (not under `if rank == 0:`)" in results[0]
+    assert time.monotonic() - start < 60  # not the process group's timeout
+    assert not os.path.exists(tmp_path / "ckpt" / "manifest.json")
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, "10", True])
+def test_save_checkpoint_refuses_a_bad_timeout(tmp_path, timeout):
+    model, _, _ = build(0)
+    with pytest.raises(ValueError, match="Invalid timeout"):
+        save_checkpoint(tmp_path / "ckpt", timeout=timeout, model=model)
