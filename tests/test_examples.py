@@ -707,3 +707,16 @@ def test_paper_quick_mode_end_to_end(tmp_path: str) -> None:
     text = open(os.path.join(docs, "results.md")).read()
     assert "**PARTIAL RESULTS: 8 of 12 runs finished** (missing: lm/constant-small/seed2" in text
     assert "--seeds 0 1 2 --out " in text and "--resume`" in text
+    # --readme rewrites only the marked block, with the first setting's wall-time table
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{paper.README_BEGIN}\nold numbers\n{paper.README_END}\nafter\n")
+    paper.main([*common, "--report-only", "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith(f"# x\n\nbefore\n{paper.README_BEGIN}\nlm: ") and "old numbers" not in text
+    assert text.endswith(f"\n{paper.README_END}\nafter\n")
+    block = text.split(paper.README_BEGIN)[1].split(paper.README_END)[0]
+    assert "| strategy | rounds | MB (budget) | compute s | 1 Gbit/s, 1 ms |" in block
+    assert "| adaptive |" in block and "`make paper` at commit `" in block
+    readme.write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="has no <!-- make paper"):
+        paper.main([*common, "--report-only", "--readme", str(readme)])
