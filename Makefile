@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(PY) -m pytest benchmarks -q -s --benchmark-only --benchmark-json=runs/bench.json \
 	  --benchmark-columns=min,median,mean,rounds --benchmark-sort=name
 	$(PY) benchmarks/report.py runs/bench.json
+	$(PY) benchmarks/test_bench_compare.py report runs/compare.jsonl --readme README.md
 
 # On a machine with a CUDA GPU: the device tests (tests/test_gpu.py) and the
 # benchmarks on CUDA, then their ratio table. Fails with a message when there is no GPU.
