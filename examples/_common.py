@@ -10,6 +10,7 @@ import ast
 import json
 import math
 import os
+import subprocess
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -136,3 +137,36 @@ def write_json(path: str, obj: Any) -> None:
         json.dump(obj, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def marker(name: str) -> tuple[str, str]:
+    """The comment lines that enclose a generated block ``name`` in a Markdown file."""
+    return f"<!-- generated: {name} -->", f"<!-- /generated: {name} -->"
+
+
+def replace_block(path: str, name: str, lines: Sequence[str]) -> None:
+    """Replace the text between :func:`marker`'s two lines in ``path`` with ``lines``: numbers in
+    a hand-written README come from the program that measured them, never from a copy."""
+    begin, end = marker(name)
+    with open(path) as f:
+        text = f.read()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{path} has no generated block {name!r} (the lines {begin} and {end})")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    with open(path, "w") as f:
+        f.write(head + begin + "\n" + "\n".join(lines) + "\n" + end + tail)
+
+
+def git_commit(short: bool = False) -> str:
+    """HEAD of the repository holding this file, ``+dirty`` if tracked files changed, or
+    ``"unknown"`` outside a git checkout: the code a generated table or run came from."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rev = ["git", "-C", root, "rev-parse", *(["--short"] if short else []), "HEAD"]
+    status = ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"]
+    try:
+        head = subprocess.run(rev, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(status, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")

@@ -12,6 +12,7 @@ Shared by ``train.py``, ``compare.py`` and ``paper.py``:
 
 from __future__ import annotations
 
+import multiprocessing.util
 import os
 import sys
 import tempfile
@@ -38,7 +39,11 @@ def exit_worker() -> None:
     A gloo background thread occasionally aborts the process during finalization ("terminate
     called without an active exception", SIGABRT, after all the work is done); seen about once in
     25 short runs of this repository's 2-rank tests. The outputs are written and closed by now.
+    ``multiprocessing``'s exit finalizers still run first: they unlink the named semaphores the
+    rank created (tqdm's write lock is one), which the parent's resource tracker otherwise reports
+    as "leaked semaphore objects" when the run ends.
     """
+    multiprocessing.util._run_finalizers(0)  # what a normal exit runs (exit priority >= 0)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -707,16 +707,42 @@ def test_paper_quick_mode_end_to_end(tmp_path: str) -> None:
     text = open(os.path.join(docs, "results.md")).read()
     assert "**PARTIAL RESULTS: 8 of 12 runs finished** (missing: lm/constant-small/seed2" in text
     assert "--seeds 0 1 2 --out " in text and "--resume`" in text
-    # --readme rewrites only the marked block, with the first setting's wall-time table
+    # --readme rewrites only the generated blocks: the criteria and the first setting's wall time
+    crit, wall = _common.marker("make paper: criteria"), _common.marker("make paper: wall time")
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\nbefore\n{paper.README_BEGIN}\nold numbers\n{paper.README_END}\nafter\n")
+    readme.write_text(f"# x\n{crit[0]}\nold\n{crit[1]}\nbefore\n{wall[0]}\nold numbers\n"
+                      f"{wall[1]}\nafter\n")
     paper.main([*common, "--report-only", "--readme", str(readme)])
     text = readme.read_text()
-    assert text.startswith(f"# x\n\nbefore\n{paper.README_BEGIN}\nlm: ") and "old numbers" not in text
-    assert text.endswith(f"\n{paper.README_END}\nafter\n")
-    block = text.split(paper.README_BEGIN)[1].split(paper.README_END)[0]
+    assert "old" not in text and text.endswith(f"\n{wall[1]}\nafter\n")
+    assert text.startswith(f"# x\n{crit[0]}\nIssue 19's criteria for adaptive")
+    assert f"\n{crit[1]}\nbefore\n{wall[0]}\nlm: " in text
+    assert "| total rounds <= 0.5x constant-small's | " in text.split(crit[1])[0]
+    block = text.split(wall[0])[1].split(wall[1])[0]
     assert "| strategy | rounds | MB (budget) | compute s | 1 Gbit/s, 1 ms |" in block
     assert "| adaptive |" in block and "`make paper` at commit `" in block
     readme.write_text("# no markers\n")
-    with pytest.raises(SystemExit, match="has no <!-- make paper"):
+    with pytest.raises(SystemExit, match="has no generated block 'make paper: criteria'"):
         paper.main([*common, "--report-only", "--readme", str(readme)])
+
+
+@pytest.mark.timeout(120)
+def test_spawned_ranks_leave_no_leaked_semaphores(tmp_path) -> None:
+    """launch.py's ranks end with os._exit; the semaphores they made (tqdm's write lock is one)
+    are still unlinked, so the parent's resource tracker has nothing to report at the end."""
+    (tmp_path / "job.py").write_text(
+        "import multiprocessing\n\n\ndef work():\n"
+        "    work.lock = multiprocessing.get_context('spawn').Lock()  # a named semaphore\n"
+    )
+    script = (
+        f"import sys; sys.path[:0] = [{EXAMPLES!r}, {str(tmp_path)!r}]\n"
+        "import launch, job\n"
+        "if __name__ == '__main__':\n"
+        "    launch.launch(job.work, (), nproc=2, threads=1, timeout=60)\n"
+        "    print('ok')\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=110, env=env, cwd=str(tmp_path))
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    assert "leaked semaphore" not in out.stderr, out.stderr[-2000:]
