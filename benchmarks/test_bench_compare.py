@@ -6,8 +6,10 @@ batch:
 
 * ``suggest_aug`` / ``suggest_norm``: ``VarianceTest(backend="hooks").suggest`` with the
   augmented test (norms and inner products) / the norm test: a separate forward+backward pass;
-* ``capture``: the training step with :class:`~local_opt.StatsCapture` (the statistics ride on
-  the step's own backward; its ``.grad`` is the step's);
+* ``capture`` / ``capture_norm``: the training step with :class:`~local_opt.StatsCapture` (the
+  statistics ride on the step's own backward; its ``.grad`` is the step's), keeping what the
+  inner products need / for the norm test alone (``inner_products=False``, what
+  ``VarianceTest.capture()`` runs by default);
 * ``opacus``: Opacus ``GradSampleModule`` (per-sample gradients in ``p.grad_sample``), then the
   squared norms;
 * ``backpack``: BackPACK's ``BatchL2Grad`` and ``Variance`` extensions on an ``extend()``-ed model
@@ -61,7 +63,7 @@ REPEATS = int(os.environ.get("LOCAL_OPT_BENCH_REPEATS", "3"))
 BATCH = int(os.environ.get("LOCAL_OPT_BENCH_BATCH", "16"))
 OUT = os.environ.get("LOCAL_OPT_BENCH_COMPARE_OUT", "runs/compare.jsonl")
 MODELS = ["resnet18", "resnet18_eval", "vit_small", "gpt", "hf_gpt2", "hf_llama"]
-METHODS = ["suggest_aug", "suggest_norm", "capture", "opacus", "backpack", "vmap"]
+METHODS = ["suggest_aug", "suggest_norm", "capture", "capture_norm", "opacus", "backpack", "vmap"]
 #: Models of the tiny run under ``--benchmark-disable``.
 QUICK_MODELS = ("resnet18_eval", "gpt", "hf_gpt2")
 LMS = ("gpt", "hf_gpt2", "hf_llama")
@@ -143,16 +145,21 @@ def _suggest(test: str) -> Callable[..., Callable[[], float]]:
     return prepare
 
 
-def _capture(model, x, y, loss_fn):
+def _capture(model, x, y, loss_fn, inner_products: bool = True):
     from local_opt import StatsCapture
 
     def run() -> float:
         model.zero_grad(set_to_none=True)
-        with StatsCapture(model) as cap:
+        with StatsCapture(model, inner_products=inner_products) as cap:
             loss_fn(model(x), y).backward()
         return float(cap.grad_stats().sq_norm_sum)
 
     return run
+
+
+def _capture_norm(model, x, y, loss_fn):
+    """What ``VarianceTest.capture()`` runs for the norm test (the quick start's path)."""
+    return _capture(model, x, y, loss_fn, inner_products=False)
 
 
 def _opacus(model, x, y, loss_fn):
@@ -217,6 +224,7 @@ PREPARE = {
     "suggest_aug": _suggest("augmented"),
     "suggest_norm": _suggest("norm"),
     "capture": _capture,
+    "capture_norm": _capture_norm,
     "opacus": _opacus,
     "backpack": _backpack,
     "vmap": _vmap,
@@ -360,7 +368,8 @@ def test_bench_compare(benchmark, request, name, method):
 LABELS = {
     "suggest_aug": "hooks, separate pass (augmented test)",
     "suggest_norm": "hooks, separate pass (norm test)",
-    "capture": "hooks, StatsCapture (in the step)",
+    "capture": "hooks, in the step (inner products too)",
+    "capture_norm": "hooks, in the step (norm test)",
     "opacus": "Opacus GradSampleModule",
     "backpack": "BackPACK BatchL2Grad+Variance",
     "vmap": "torch.func vmap",
