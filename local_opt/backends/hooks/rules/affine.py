@@ -109,7 +109,9 @@ class AffineRule(Rule):
         u, dd = self.patches(module, a), self.deltas(module, d)
         return torch.einsum("ngtm,ngtk->gmk", dd, u).reshape(-1)
 
-    def extra_costs(self, t: int, p: int, g: int, k: int) -> dict[str, float]:
+    def extra_costs(
+        self, t: int, p: int, g: int, k: int, module: nn.Module | None = None
+    ) -> dict[str, float]:
         """Per-sample costs a subclass adds to (or replaces in) the generic model."""
         return {}
 
@@ -141,7 +143,7 @@ class AffineRule(Rule):
             "stream": per_sample + forward + (3.0 if inner else 2.0) * _MEMORY_COST * p,
             "keep": per_sample + 4.0 * _MEMORY_COST * p if inner else float("inf"),
         }
-        extra = self.extra_costs(t, p, g, k)
+        extra = self.extra_costs(t, p, g, k, site.module)
         if "per_sample" in extra:
             delta = extra.pop("per_sample") - per_sample
             costs["stream"] += delta
