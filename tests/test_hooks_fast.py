@@ -323,6 +323,8 @@ def test_cached_plan_does_not_keep_the_model_alive():
         (7, 1, 3, 1, 1, 1),
         (6, 5, 1, 1, 0, 1),  # 1x1 at stride 1: a view
         (6, 9, 1, 2, 0, 1),
+        (3, 32, 16, 16, 0, 1),  # non-overlapping patches (a ViT's patch embedding)
+        (5, 17, (4, 3), (4, 3), 0, 1),  # ... with a remainder dropped
     ],
 )
 def test_im2col_equals_unfold(c, hw, k, stride, pad, dil):
@@ -359,3 +361,8 @@ def test_conv_patch_paths_match_vmap(mode):
     x, y = torch.randn(5, 3, 10, 10, dtype=torch.float64), torch.randint(0, 2, (5,))
     per = vmap_per_sample(model, F.cross_entropy, x, y)
     check_against(model, F.cross_entropy, x, y, per, 1e-9, mode=mode)
+    patchify = nn.Sequential(  # non-overlapping patches, 3x3 positions and a remainder dropped
+        nn.Conv2d(3, 4, 3, stride=3), nn.Tanh(), nn.Flatten(), nn.Linear(36, 2)
+    ).double()
+    per = vmap_per_sample(patchify, F.cross_entropy, x, y)
+    check_against(patchify, F.cross_entropy, x, y, per, 1e-9, mode=mode)

@@ -41,8 +41,10 @@ def im2col(
     stride: tuple[int, int],
 ) -> Tensor:
     """``F.unfold(a, k, dilation=dil, padding=pad, stride=stride)``, the same values, ``(N, C·kk,
-    T)``: a view for 1x1 kernels at stride 1, else for outputs at least 8 positions wide or of
-    one position a strided view (``Tensor.unfold``) copied once. ``F.unfold``'s CPU kernel
+    T)``: a view for 1x1 kernels at stride 1, one permuting copy for non-overlapping patches
+    (kernel = stride; 0.02 ms against 0.18 ms for a ViT's patch embedding at 32 px, b=16), else
+    for outputs at least 8 positions wide or of one position a strided view (``Tensor.unfold``)
+    copied once. ``F.unfold``'s CPU kernel
     costs ~2 ns a patch element whatever the shape (1.1 ms for 16 samples of 16 channels at
     16x16, 0.15 ms for the copy), while the copy is slow for narrow outputs (inner loops of a
     few elements), where ``F.unfold`` is kept."""
@@ -52,6 +54,11 @@ def im2col(
         return a.reshape(n, c, -1)
     ho = (a.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     wo = (a.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if (kh, kw) == (sh, sw) and (ph, pw, dh, dw) == (0, 0, 1, 1) and ho >= 1 and wo >= 1:
+        # non-overlapping patches (a ViT's patch embedding): one copy, patch-major (the
+        # Gram matrices and the weight gradient read rows of the patch, contiguous here)
+        v = a[:, :, : ho * kh, : wo * kw].reshape(n, c, ho, kh, wo, kw)
+        return v.permute(0, 2, 4, 1, 3, 5).reshape(n, ho * wo, c * kh * kw).transpose(1, 2)
     if ho < 1 or wo < 1 or (wo < 8 and ho * wo != 1):
         return F.unfold(a, k, dilation=dil, padding=pad, stride=stride)
     if ph or pw:
