@@ -213,7 +213,7 @@ def pool(stats: GradStats, process_group: dist.ProcessGroup | None = None) -> Po
     if any(t.dtype == torch.float16 for t in total):  # c·T could fit where T does not
         total, c = torch._foreach_mul(total, c), 1.0
     # per-tensor norms (one fused kernel), squared and summed in float64: host sync 2
-    norms = torch.stack([x.double() for x in torch._foreach_norm(total)])
+    norms = torch.stack(torch._foreach_norm(total)).double()  # one conversion, not one a tensor
     mean_sq_norm = c * c * float(norms.square().sum())
     if stats.inner_products:
         q = stats.inner_sq_sum(total).double().reshape(1).to(device) * (c * c)

@@ -7,6 +7,9 @@
   change to the model that the plan depends on (``requires_grad``, a parameter or module replaced,
   a module added, a layer's attribute that makes it unsupported) the statistics still match the
   reference, and so they do across train/eval switches, batch sizes, input shapes and dtypes.
+* The conv rule's patches (:func:`~local_opt.backends.hooks.rules.conv.im2col`: a view, a strided
+  view copied once, or ``F.unfold``) equal ``F.unfold``'s, and convolutions on each path match
+  the per-sample reference.
 """
 
 from __future__ import annotations
@@ -306,3 +309,60 @@ def test_cached_plan_does_not_keep_the_model_alive():
     del model
     gc.collect()
     assert ref() is None
+
+
+@pytest.mark.parametrize(
+    "c, hw, k, stride, pad, dil",
+    [
+        (3, 32, 3, 2, 1, 1),  # wide output: the strided view
+        (16, 16, 3, 1, 1, 1),
+        (5, 17, (3, 2), (2, 1), (1, 0), (1, 2)),  # uneven kernel, stride, padding, dilation
+        (4, 20, 3, 1, 2, 2),
+        (8, 4, 3, 1, 1, 1),  # narrow output: F.unfold
+        (6, 2, 3, 2, 1, 1),  # one position
+        (7, 1, 3, 1, 1, 1),
+        (6, 5, 1, 1, 0, 1),  # 1x1 at stride 1: a view
+        (6, 9, 1, 2, 0, 1),
+        (3, 32, 16, 16, 0, 1),  # non-overlapping patches (a ViT's patch embedding)
+        (5, 17, (4, 3), (4, 3), 0, 1),  # ... with a remainder dropped
+    ],
+)
+def test_im2col_equals_unfold(c, hw, k, stride, pad, dil):
+    """The conv rule's patches are ``F.unfold``'s, value for value, on every path."""
+    from local_opt.backends.hooks.rules.conv import im2col
+
+    pair = lambda v: v if isinstance(v, tuple) else (v, v)  # noqa: E731
+    k, stride, pad, dil = pair(k), pair(stride), pair(pad), pair(dil)
+    a = torch.randn(3, c, hw, hw + 1)
+    ref = F.unfold(a, k, dilation=dil, padding=pad, stride=stride)
+    got = im2col(a, k, dil, pad, stride)
+    assert got.shape == ref.shape
+    assert torch.equal(got, ref)
+    a_cl = a.to(memory_format=torch.channels_last)
+    assert torch.equal(im2col(a_cl, k, dil, pad, stride), ref)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_conv_patch_paths_match_vmap(mode):
+    """Convolutions whose patches take each path of ``im2col`` (1x1 view, strided view, F.unfold)
+    against the per-sample reference."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=1, padding=1),  # 10x10 output: strided view
+        nn.Tanh(),
+        nn.Conv2d(4, 6, 1),  # 1x1: a view
+        nn.Tanh(),
+        nn.Conv2d(6, 5, 3, stride=2, padding=1, dilation=2),  # 4x4: F.unfold
+        nn.Tanh(),
+        nn.Conv2d(5, 3, 3, stride=4),  # 1x1 output: strided view
+        nn.Flatten(),
+        nn.Linear(3, 2),
+    ).double()
+    x, y = torch.randn(5, 3, 10, 10, dtype=torch.float64), torch.randint(0, 2, (5,))
+    per = vmap_per_sample(model, F.cross_entropy, x, y)
+    check_against(model, F.cross_entropy, x, y, per, 1e-9, mode=mode)
+    patchify = nn.Sequential(  # non-overlapping patches, 3x3 positions and a remainder dropped
+        nn.Conv2d(3, 4, 3, stride=3), nn.Tanh(), nn.Flatten(), nn.Linear(36, 2)
+    ).double()
+    per = vmap_per_sample(patchify, F.cross_entropy, x, y)
+    check_against(patchify, F.cross_entropy, x, y, per, 1e-9, mode=mode)

@@ -156,21 +156,23 @@ def assemble(
                 )
     bare_grads = [next(it) for _ in expanded]
 
-    sq = torch.zeros(n, dtype=torch.float64, device=params[0].device if params else None)
+    device = params[0].device if params else None
     free = grant_keep(sites, n, keep_bytes, mode)
     workspaces = _acquire(sites, n)
     memory = Memory(free, workspaces, inner_products, keep_patches=True)
     grouped = _finish_groups(sites, n, memory)
     finished = []
+    norms = []  # per-sample squared norms of the layers and groups, added in one operation
     for s in sites:
         st = grouped.get(id(s))
         if st is None:
             st = _finish(s, n, memory)
-            sq += st.sq_norms.to(sq.device)
+            norms.append(st.sq_norms.to(device))
         elif st.group is not None and st.group[1] == 0:  # the group's norms, once
-            sq += st.sq_norms.to(sq.device)
+            norms.append(st.sq_norms.to(device))
         finished.append((s, st))
         s.calls = []
+    sq = torch.stack(norms).sum(0) if norms else torch.zeros(n, dtype=torch.float64, device=device)
     return reduce_layers(
         params, finished, bare, bare_grads, n, sq, inner_products, scale, workspaces
     )

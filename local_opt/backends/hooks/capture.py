@@ -30,6 +30,7 @@ from local_opt.backends.hooks.check import (
 from local_opt.backends.hooks.inline import eligible, install
 from local_opt.backends.hooks.plan import (
     _VALIDATED,
+    Walk,
     cached_plan,
     expand_bare,
     owner_of,
@@ -110,21 +111,25 @@ def hooks_grad_stats(
         raise ValueError(f"Invalid mode: {mode!r}")
     args = _split_inputs(inputs)
     n = int(args[0].shape[0])
-    sites, bare, missing = cached_plan(model)
+    walk = Walk(model)  # the one walk over the modules of this pass
+    sites, bare, missing = cached_plan(model, walk)
     if not missing and find_off_batch(model, args):  # once per model: layers run off the batch
-        sites, bare, missing = cached_plan(model)
+        sites, bare, missing = cached_plan(model, walk)
     if missing:
         raise RuntimeError(
             f"The hooks backend does not cover {', '.join(missing)}; use the vmap or micro-batch backend"
         )
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = walk.params
     checked = [p for s in sites for p in s.params.values()]
-    verify = check and needs_check(model, checked)
+    training = walk.training()
+    verify = check and needs_check(model, checked, training)
     with _capture(model, sites), torch.enable_grad(), plain_checkpoints(non_reentrant=False):
-        saved = {k: b.detach().clone() for k, b in model.named_buffers()}
+        buffers = [(m, k, m._buffers[k]) for m, k in walk.buffers]
+        copies = [b.detach().clone() for _, _, b in buffers]
         try:
             expanded = {q: expand_bare(p, n) for q, p in bare}
             if expanded and _VALIDATED.get(model) != frozenset(expanded):
+                saved = {k: c for (k, _), c in zip(model.named_buffers(), copies)}
                 validate_bare(model, args, expanded, saved)
                 for s in sites:
                     s.calls.clear()
@@ -141,9 +146,10 @@ def hooks_grad_stats(
             )
         finally:
             with torch.no_grad():
-                for k, b in model.named_buffers():
-                    if k in saved:
-                        b.copy_(saved[k])
+                for (m, k, _), c in zip(buffers, copies):
+                    b = m._buffers.get(k)  # the buffer under that name now
+                    if b is not None:
+                        b.copy_(c)
     if not inner_products:
         keep_bytes = 0
     low = any(g is not None and g.dtype in _LOW for g in grads) or any(
@@ -160,7 +166,7 @@ def hooks_grad_stats(
         bad = unaccounted(model, checked, got, reference, low)
         if bad:
             raise UnaccountedGradient(bad)
-        mark_checked(model, checked)
+        mark_checked(model, checked, training)
     return stats
 
 

@@ -89,17 +89,25 @@ class UnsupportedShapes(UnaccountedGradient):
         return f"cannot split the rows of {', '.join(self.names)} by sample ({self.reason})"
 
 
-def _key(model: nn.Module, params: Sequence[Tensor]) -> tuple:
-    return tuple(map(id, params)), tuple(m.training for m in model.modules())
+def _key(model: nn.Module, params: Sequence[Tensor], training: tuple | None) -> tuple:
+    if training is None:
+        training = tuple(m.training for m in model.modules())
+    return tuple(map(id, params)), training
 
 
-def needs_check(model: nn.Module, params: Sequence[Tensor]) -> bool:
-    """Whether ``params`` of ``model`` in its current modes have not been checked yet."""
-    return bool(params) and _CHECKED.get(model) != _key(model, params)
+def needs_check(
+    model: nn.Module, params: Sequence[Tensor], training: tuple | None = None
+) -> bool:
+    """Whether ``params`` of ``model`` in its current modes have not been checked yet
+    (``training``: the modules' ``training`` flags in ``model.modules()`` order, if the caller
+    has them)."""
+    return bool(params) and _CHECKED.get(model) != _key(model, params, training)
 
 
-def mark_checked(model: nn.Module, params: Sequence[Tensor]) -> None:
-    _CHECKED[model] = _key(model, params)
+def mark_checked(
+    model: nn.Module, params: Sequence[Tensor], training: tuple | None = None
+) -> None:
+    _CHECKED[model] = _key(model, params, training)
 
 
 def _names(model: nn.Module, params: Sequence[Tensor]) -> list[str]:

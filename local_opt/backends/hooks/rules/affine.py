@@ -109,7 +109,9 @@ class AffineRule(Rule):
         u, dd = self.patches(module, a), self.deltas(module, d)
         return torch.einsum("ngtm,ngtk->gmk", dd, u).reshape(-1)
 
-    def extra_costs(self, t: int, p: int, g: int, k: int) -> dict[str, float]:
+    def extra_costs(
+        self, t: int, p: int, g: int, k: int, module: nn.Module | None = None
+    ) -> dict[str, float]:
         """Per-sample costs a subclass adds to (or replaces in) the generic model."""
         return {}
 
@@ -141,7 +143,7 @@ class AffineRule(Rule):
             "stream": per_sample + forward + (3.0 if inner else 2.0) * _MEMORY_COST * p,
             "keep": per_sample + 4.0 * _MEMORY_COST * p if inner else float("inf"),
         }
-        extra = self.extra_costs(t, p, g, k)
+        extra = self.extra_costs(t, p, g, k, site.module)
         if "per_sample" in extra:
             delta = extra.pop("per_sample") - per_sample
             costs["stream"] += delta
@@ -174,15 +176,20 @@ class AffineRule(Rule):
         calls = [c for c in site.calls if c.delta is not None]
         ref = next(iter(site.params.values()))
         grad_sum: dict[str, Tensor] = {}
-        sq = torch.zeros(n, dtype=torch.float64, device=ref.device)
+        # the per-sample squared norms of the parts, (N,) float64 each, added once at the end
+        # (small models pay per tensor operation: no zeros to accumulate into)
+        parts: list[Tensor] = []
         bias_g = None
         if "bias" in site.params:
             b = site.params["bias"]
-            bias_g = torch.zeros((n, *b.shape), dtype=b.dtype, device=b.device)
+            if not calls:
+                bias_g = torch.zeros((n, *b.shape), dtype=b.dtype, device=b.device)
             for c in calls:
-                bias_g += self.bias_grads(c.delta.to(b.dtype))
+                g = self.bias_grads(c.delta.to(b.dtype))
+                bias_g = g if bias_g is None else bias_g + g
+            assert bias_g is not None
             grad_sum["bias"] = bias_g.sum(0)
-            sq += sq_norms(bias_g)
+            parts.append(sq_norms(bias_g))
         kept = None  # materialized per-sample weight gradients, (N, P)
         patched = None  # the patches and output gradients of "ghost" (N, g, T, K), (N, g, T, M)
         if "weight" in site.params:
@@ -197,13 +204,14 @@ class AffineRule(Rule):
                     us = [self.patches(module, a) for a, _ in pairs]
                     ds = [self.deltas(module, d) for _, d in pairs]
                     if self.patch_sums:  # from the patches formed for the Gram matrices anyway
-                        total = sum(_patch_sum(u, d) for u, d in zip(us, ds))
+                        sums = [_patch_sum(u, d) for u, d in zip(us, ds)]
                     else:
-                        total = sum(self.weight_sum(module, a, d) for a, d in pairs)
+                        sums = [self.weight_sum(module, a, d) for a, d in pairs]
+                    total = sums[0] if len(sums) == 1 else torch.stack(sums).sum(0)
                     u = us[0] if len(us) == 1 else torch.cat(us, dim=2)
                     d = ds[0] if len(ds) == 1 else torch.cat(ds, dim=2)
-                    del us, ds
-                    sq += _ghost_norms(u, d)
+                    del us, ds, sums
+                    parts.append(_ghost_norms(u, d))
                     nbytes = u.numel() * u.element_size()
                     if (
                         self.patch_sums
@@ -219,7 +227,7 @@ class AffineRule(Rule):
                     if mode == "keep":
                         kept = memory.take((n, p), w.dtype, w.device)
                     step = max(1, (_CACHE_ELEMENTS if kept is not None else _CHUNK_ELEMENTS) // p)
-                    total = torch.zeros(p, dtype=w.dtype, device=w.device)
+                    totals, norms = [], []
                     for lo in range(0, n, step):
                         hi = min(n, lo + step)
                         out = None if kept is None else kept[lo:hi]
@@ -227,9 +235,15 @@ class AffineRule(Rule):
                         chunk = self.per_sample(module, a[lo:hi], d[lo:hi], out)
                         for a, d in rest:  # a module called more than once
                             chunk += self.per_sample(module, a[lo:hi], d[lo:hi], None)
-                        total += chunk.sum(0)
-                        sq[lo:hi] += sq_norms(chunk)
+                        totals.append(chunk.sum(0))
+                        norms.append(sq_norms(chunk))
+                    total = totals[0] if len(totals) == 1 else torch.stack(totals).sum(0)
+                    parts.append(norms[0] if len(norms) == 1 else torch.cat(norms))
                 grad_sum["weight"] = total.view(w.shape)
+        if not parts:
+            sq = torch.zeros(n, dtype=torch.float64, device=ref.device)
+        else:
+            sq = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
 
         # Keep the saved inputs and output gradients only when the inner products need them.
         needed = calls if kept is None and patched is None and memory.inner_products else []

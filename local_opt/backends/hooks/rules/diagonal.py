@@ -54,13 +54,13 @@ class DiagonalRule(Rule):
         return self.to_param(module, delta * self.normalized(module, x), shape)
 
     def finish(self, site: Site, n: int, memory: Memory) -> LayerStats:
-        per: dict[str, Tensor] = {}
-        for name, p in site.params.items():
-            per[name] = torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device)
+        params = site.params
+        ref = next(iter(params.values()))
+        # per-sample gradients by parameter, summed over the calls (no zeros to add into)
+        found: dict[str, Tensor | None] = dict.fromkeys(params)
         for c in site.calls:
             if c.delta is None:
                 continue
-            ref = next(iter(per.values()))
             delta = c.delta.to(ref.dtype)
             rows = delta.shape[0] if delta.dim() else n
             if rows != n and (site.module not in FOLDABLE or rows % n):
@@ -72,15 +72,25 @@ class DiagonalRule(Rule):
             def fold(t: Tensor, rows: int = rows) -> Tensor:  # k·N sample-major rows -> N
                 return t if rows == n else t.reshape(n, rows // n, *t.shape[1:]).sum(1)
 
-            if "weight" in per:
-                per["weight"] += fold(
-                    self.weight_grads(
-                        site.module, c.inputs.to(ref.dtype), delta, per["weight"].shape[1:], c
-                    )
-                )
-            if "bias" in per:
-                per["bias"] += fold(self.to_param(site.module, delta, per["bias"].shape[1:]))
-        sq = sum(sq_norms(g) for g in per.values())
+            parts = {}
+            if "weight" in found:
+                x = c.inputs.to(ref.dtype)
+                shape = params["weight"].shape
+                parts["weight"] = fold(self.weight_grads(site.module, x, delta, shape, c))
+            if "bias" in found:
+                shape = params["bias"].shape
+                parts["bias"] = fold(self.to_param(site.module, delta, shape))
+            for name, g in parts.items():
+                g, old = g.to(params[name].dtype), found[name]
+                found[name] = g if old is None else old + g
+        per: dict[str, Tensor] = {
+            name: torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device)
+            if found[name] is None
+            else found[name]  # type: ignore[misc]
+            for name, p in params.items()
+        }
+        norms = [sq_norms(g) for g in per.values()]
+        sq = norms[0] if len(norms) == 1 else torch.stack(norms).sum(0)
         grad_sum = {name: g.sum(0) for name, g in per.items()}
 
         def inner(v: dict[str, Tensor]) -> Tensor:
