@@ -473,7 +473,7 @@ def test_readme_block_from_the_runs(tmp_path):
     runs = tmp_path / "compare.jsonl"
     runs.write_text("".join(json.dumps(r) + "\n" for r in lines))
     readme = tmp_path / "README.md"
-    begin, end = f"<!-- generated: {README_BLOCK} -->", f"<!-- /generated: {README_BLOCK} -->"
+    begin, end = _common.marker(README_BLOCK)
     readme.write_text(f"top\n{begin}\nstale\n{end}\nbottom\n")
     write_readme(str(runs), str(readme))
     text = readme.read_text()

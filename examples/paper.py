@@ -946,10 +946,10 @@ def walltime_section(by: ByStrategy) -> list[str]:
             "`make paper` writes it."]  # fmt: skip
 
 
-def readme_block(name: str, by: ByStrategy, args: argparse.Namespace) -> list[str]:
-    """The README's wall-time table: one setting of this make paper, with where it comes from."""
+def readme_block(name: str, by: ByStrategy, runs_at: str) -> list[str]:
+    """The README's wall-time table: one setting of this make paper, with where it comes from
+    (``runs_at``: which commits made the runs, as :func:`produced_by` says)."""
     any_run = next(iter(next(iter(by.values())).values()))
-    runs_at = produced_by(args, git_commit()).split(" (this report")[0]
     return [
         f"{name}: {any_run['task']}, M = {any_run['world_size']}; modeled seconds per strategy "
         "(mean over seeds; to the target where there is one, else over the budget), "
@@ -1057,13 +1057,14 @@ def report(args: argparse.Namespace, elapsed: float | None, commit: str) -> list
     all_verdicts: dict[str, dict[str, list[Verdict]]] = {}
     lines = []
     readme: list[str] = []
+    runs_at = produced_by(args, commit).split(" (this report")[0]  # the README names the runs
     for name in args.settings:
         by = {st: runs.get(name, {}).get(st, {}) for st in args.strategies}
         by = {st: r for st, r in by.items() if r}
         if not by:
             continue
         if not readme and not SETTINGS[name].held_out:
-            readme = readme_block(name, by, args)
+            readme = readme_block(name, by, runs_at)
         md, verdicts = setting_section(name, by, args)
         sections += md
         all_verdicts[name] = verdicts
@@ -1081,9 +1082,8 @@ def report(args: argparse.Namespace, elapsed: float | None, commit: str) -> list
         f.write("\n".join(md + sections) + "\n")
     if args.readme and readme:
         _common.replace_block(args.readme, "make paper: criteria", [
-            f"Issue 19's criteria for adaptive (library defaults), `make paper` "
-            f"{produced_by(args, commit).split(' (this report')[0]} (PASS: on the seed means "
-            "and on every seed):", "", *table])  # fmt: skip
+            f"Issue 19's criteria for adaptive (library defaults), `make paper` {runs_at} "
+            "(PASS: on the seed means and on every seed):", "", *table])  # fmt: skip
         _common.replace_block(args.readme, "make paper: wall time", readme)
     return lines
 

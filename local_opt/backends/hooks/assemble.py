@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from local_opt._stats import GradStats, reduce_units
 from local_opt.backends.hooks.check import UnsupportedShapes
 from local_opt.backends.hooks.rules import LayerStats, Memory, Site
-from local_opt.backends.hooks.rules.base import GroupStats
+from local_opt.backends.hooks.rules.base import GroupStats, add_up
 
 __all__: list[str] = []  # private module
 
@@ -172,7 +172,7 @@ def assemble(
             norms.append(st.sq_norms.to(device))
         finished.append((s, st))
         s.calls = []
-    sq = torch.stack(norms).sum(0) if norms else torch.zeros(n, dtype=torch.float64, device=device)
+    sq = add_up(norms) if norms else torch.zeros(n, dtype=torch.float64, device=device)
     return reduce_layers(
         params, finished, bare, bare_grads, n, sq, inner_products, scale, workspaces
     )

@@ -37,6 +37,7 @@ from local_opt.backends.hooks.rules.base import (
     Memory,
     Rule,
     Site,
+    add_up,
     sq_norms,
     sum_but_batch,
 )
@@ -182,12 +183,11 @@ class AffineRule(Rule):
         bias_g = None
         if "bias" in site.params:
             b = site.params["bias"]
-            if not calls:
-                bias_g = torch.zeros((n, *b.shape), dtype=b.dtype, device=b.device)
-            for c in calls:
-                g = self.bias_grads(c.delta.to(b.dtype))
-                bias_g = g if bias_g is None else bias_g + g
-            assert bias_g is not None
+            bias_g = (
+                add_up([self.bias_grads(c.delta.to(b.dtype)) for c in calls])
+                if calls
+                else torch.zeros((n, *b.shape), dtype=b.dtype, device=b.device)
+            )
             grad_sum["bias"] = bias_g.sum(0)
             parts.append(sq_norms(bias_g))
         kept = None  # materialized per-sample weight gradients, (N, P)
@@ -207,7 +207,7 @@ class AffineRule(Rule):
                         sums = [_patch_sum(u, d) for u, d in zip(us, ds)]
                     else:
                         sums = [self.weight_sum(module, a, d) for a, d in pairs]
-                    total = sums[0] if len(sums) == 1 else torch.stack(sums).sum(0)
+                    total = add_up(sums)
                     u = us[0] if len(us) == 1 else torch.cat(us, dim=2)
                     d = ds[0] if len(ds) == 1 else torch.cat(ds, dim=2)
                     del us, ds, sums
@@ -237,13 +237,10 @@ class AffineRule(Rule):
                             chunk += self.per_sample(module, a[lo:hi], d[lo:hi], None)
                         totals.append(chunk.sum(0))
                         norms.append(sq_norms(chunk))
-                    total = totals[0] if len(totals) == 1 else torch.stack(totals).sum(0)
+                    total = add_up(totals)
                     parts.append(norms[0] if len(norms) == 1 else torch.cat(norms))
                 grad_sum["weight"] = total.view(w.shape)
-        if not parts:
-            sq = torch.zeros(n, dtype=torch.float64, device=ref.device)
-        else:
-            sq = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+        sq = add_up(parts) if parts else torch.zeros(n, dtype=torch.float64, device=ref.device)
 
         # Keep the saved inputs and output gradients only when the inner products need them.
         needed = calls if kept is None and patched is None and memory.inner_products else []

@@ -22,6 +22,7 @@ from local_opt.backends.hooks.rules.base import (
     Memory,
     Rule,
     Site,
+    add_up,
     group_stats,
     register_named,
     sq_norms,
@@ -90,7 +91,7 @@ class DiagonalRule(Rule):
             for name, p in params.items()
         }
         norms = [sq_norms(g) for g in per.values()]
-        sq = norms[0] if len(norms) == 1 else torch.stack(norms).sum(0)
+        sq = add_up(norms)
         grad_sum = {name: g.sum(0) for name, g in per.items()}
 
         def inner(v: dict[str, Tensor]) -> Tensor:
