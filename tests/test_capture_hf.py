@@ -177,3 +177,31 @@ def test_variance_test_capture_gpt2_first_step(train, dtype):
     assert vt.last_stats["raw_norm"] == pytest.approx(raw, rel=tol)
     assert want > b and abs(raw - round(raw)) > 1e-3 * raw  # a real suggestion, not at a tie
     assert got == want
+
+
+@pytest.mark.parametrize("inner", [False, True], ids=["norm", "inner"])
+def test_gpt2_conv1d_weight_gradient_from_the_rule(inner):
+    """GPT-2's ``Conv1D`` projections run through the inline autograd function (their weight
+    gradient is the rule's sum, not computed a second time by autograd), and the step's
+    gradients and statistics equal the per-sample loop's."""
+    make, step, _, _ = CASES["gpt2"]
+    model = randomize(make().double(), 0.02).train()
+    x, y = _tokens()
+    params = [p for p in model.parameters() if p.requires_grad]
+    fns = []
+    handles = [
+        m.register_forward_hook(
+            lambda m, i, o: fns.append(type(o.grad_fn).__name__) if o.requires_grad else None
+        )
+        for m in model.modules() if type(m).__name__ == "Conv1D"
+    ]
+    with StatsCapture(model, inner_products=inner) as cap:
+        step(model, x, y).backward()
+    for h in handles:
+        h.remove()
+    # the training forward's 4 Conv1D calls per block (the capture's probes run without grad)
+    assert len(fns) == 8 and set(fns) == {"_AffineBackward"}, fns
+    got = cap.grad_stats()
+    ref = loop(model, step, x, y)
+    assert rel(flat(p.grad for p in params), ref.sum(0) / x.shape[0]) <= TOL
+    assert rel(got.sq_norm_sum, (ref * ref).sum()) <= TOL

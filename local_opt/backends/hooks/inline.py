@@ -4,7 +4,8 @@ In a training step, autograd computes every layer's weight gradient :math:`\sum_
 a rule that materializes the per-sample gradients :math:`G_i` (``"stream"``) or that takes
 :math:`\sum_i G_i` as one matmul next to its Gram matrices (``"ghost"``) computes it too. So
 :class:`~local_opt.backends.hooks.StatsCapture` runs covered ``nn.Linear``, ``nn.Conv1d`` and
-``nn.Conv2d`` calls through :class:`_Affine`, an autograd function whose backward computes the
+``nn.Conv2d`` calls (and Hugging Face's ``Conv1D``, a Linear with the weight stored transposed, in
+the GPT-2 family) through :class:`_Affine`, an autograd function whose backward computes the
 input gradient as the layer's own backward does and hands the layer's output gradient ``δ`` to
 the rule at once (:meth:`Tap.arrive`); the rule's :math:`\sum_i G_i` (and the bias sum) are
 returned as the parameters' gradients, so autograd does not compute them a second time, and
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 
 from local_opt.backends.hooks.rules import Site
 from local_opt.backends.hooks.rules.conv import ConvRule
+from local_opt.backends.hooks.rules.hf import Conv1DRule
 from local_opt.backends.hooks.rules.linear import LinearRule
 from local_opt.backends.stack import in_backward
 
@@ -50,12 +52,15 @@ class Tap(Protocol):
 
 def eligible(site: Site) -> bool:
     """Whether ``site`` may run through :class:`_Affine`: a plain (sub)class of ``nn.Linear``,
-    ``nn.Conv1d`` or ``nn.Conv2d`` with zero padding, handled by the stock rule."""
+    ``nn.Conv1d`` or ``nn.Conv2d`` with zero padding, or Hugging Face's ``Conv1D``, handled by the
+    stock rule."""
     m = site.module
-    if "forward" in m.__dict__ or type(site.rule) not in (LinearRule, ConvRule):
+    if "forward" in m.__dict__ or type(site.rule) not in (LinearRule, ConvRule, Conv1DRule):
         return False
     if set(site.params) - {"weight", "bias"}:
         return False
+    if type(site.rule) is Conv1DRule:  # matched by exact class name: its forward is addmm
+        return m.weight.dim() == 2
     if isinstance(m, nn.Linear):
         return True
     if isinstance(m, (nn.Conv1d, nn.Conv2d)) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
@@ -63,9 +68,16 @@ def eligible(site: Site) -> bool:
     return False
 
 
+def _transposed(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D``: ``y = x W + b`` with ``W`` of shape ``(d_in, d_out)``."""
+    return not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+
+
 def _input_grad(module: nn.Module, x: Tensor, w: Tensor, d: Tensor) -> Tensor:
     if isinstance(module, nn.Linear):
         return d.matmul(w)
+    if _transposed(module):
+        return d.matmul(w.t())
     return torch.ops.aten.convolution_backward(
         d, x, w, None, module.stride, module.padding, module.dilation,
         False, (0,) * len(module.padding), module.groups, (True, False, False),
@@ -80,6 +92,9 @@ def _param_grads(
         d2 = d.reshape(-1, d.shape[-1])
         gw = d2.t().matmul(x.reshape(-1, x.shape[-1]))
         return gw, d2.sum(0) if bias else None
+    if _transposed(module):
+        d2 = d.reshape(-1, d.shape[-1])
+        return x.reshape(-1, x.shape[-1]).t().matmul(d2), d2.sum(0) if bias else None
     _, gw, gb = torch.ops.aten.convolution_backward(
         d, x, w, [w.shape[0]] if bias else None, module.stride, module.padding, module.dilation,
         False, (0,) * len(module.padding), module.groups, (False, True, bias),
@@ -97,6 +112,10 @@ class _Affine(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         if isinstance(module, nn.Linear):
             return F.linear(x, weight, bias)
+        if _transposed(module):  # as Conv1D.forward computes it
+            x2 = x.reshape(-1, x.shape[-1])
+            y = x2.matmul(weight) if bias is None else torch.addmm(bias, x2, weight)
+            return y.view(*x.shape[:-1], weight.shape[-1])
         return module._conv_forward(x, weight, bias)
 
     @staticmethod
