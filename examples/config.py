@@ -230,6 +230,15 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         "(b / b_ref)^k capped at the schedule's peak, k = 1/2 for adamw, 1 for sgd (default: auto)",
     )
     g.add_argument(
+        "--bn-momentum",
+        default="auto",
+        choices=("auto", "samples", "none"),
+        help="BatchNorm running statistics: samples: momentum 1 - (1 - m0)^(b / b_ref) for the "
+        "current batch size b, so that they average over as many samples as at b_ref; none: the "
+        "model's momentum; auto: the library's default (samples; none for --policy paper) "
+        "(default: auto)",
+    )
+    g.add_argument(
         "--lr-ref-batch-size",
         type=int,
         default=0,

@@ -87,7 +87,11 @@ def make_policy(
     """
     coupling: dict[str, Any] = {}
     if optimizer is not None:
-        coupling = {"optimizer": optimizer, "lr_coupling": args.lr_coupling}
+        coupling = {
+            "optimizer": optimizer,
+            "lr_coupling": args.lr_coupling,
+            "bn_momentum": args.bn_momentum,
+        }
         if args.lr_ref_batch_size:
             coupling["base_batch_size"] = args.lr_ref_batch_size
     names = ("eta", "theta", "nu", "policy", "min_dof", "smoothing")
@@ -108,7 +112,7 @@ def make_policy(
     if coupling and needs_estimates and resolve_rule(args.lr_coupling, optimizer) == "adascale":
         given.pop("policy", None)  # observe-only: the decision is ignored, the estimates used
         coupling["variance_test"] = VarianceTest(
-            model, loss_fn, test=args.test, backend=args.vt_backend, **given
+            model, loss_fn, test=args.test, backend=args.vt_backend, bn_momentum="none", **given
         )
     if args.strategy == "constant":
         return ConstantBatchSize(args.batch_size, **coupling)

@@ -26,6 +26,12 @@ a baseline and the adaptive test compared with the same rule differ only in thei
 are updated, its decision is ignored — at the cost of one test per round; without it a schedule
 whose batch can change refuses ``"adascale"`` with a ``ValueError``.
 :class:`DoublingBatchSize` defaults to ``"sqrt"``, the rule that defines it.
+
+**Running statistics.** With a :class:`~local_opt.LocalOptimizer` built with ``module=model``
+as ``optimizer``, the model's BatchNorm/InstanceNorm layers that track running statistics get the
+momentum :math:`1 - (1 - m_0)^{b/b_0}` for the schedule's batch size :math:`b`, so that their
+running averages span as many samples as at :math:`b_0` (``bn_momentum="samples"``, the default;
+``"none"`` opts out), as :class:`~local_opt.VarianceTest` does.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from local_opt._validate import is_int
-from local_opt.lr import _Coupling, lr_factor, resolve_rule
+from local_opt.lr import _Coupling, _RunningStats, lr_factor, resolve_bn_momentum, resolve_rule
 
 __all__ = [
     "ConstantBatchSize",
@@ -77,6 +83,8 @@ class _Schedule:
         self.variance_test: Any = None
         self._base_batch: int | None = None
         self._coupling = _Coupling(None, "none", self._coupled_batch_sizes)
+        self.bn_momentum = "none"
+        self._running = _RunningStats(None, self._coupled_batch_sizes)
 
     def _couple(
         self,
@@ -84,9 +92,11 @@ class _Schedule:
         lr_coupling: str,
         base_batch_size: int | None,
         variance_test: Any,
+        bn_momentum: str = "auto",
     ) -> None:
         """Set up the coupling; called at the end of a subclass's ``__init__``."""
         rule = resolve_rule(lr_coupling, optimizer)
+        self.bn_momentum = resolve_bn_momentum(bn_momentum)
         if base_batch_size is not None:
             base_batch_size = _check_int("base_batch_size", base_batch_size, 1)
         self._base_batch = base_batch_size
@@ -118,6 +128,11 @@ class _Schedule:
         self.variance_test = variance_test if rule == "adascale" else None
         estimates = None if self.variance_test is None else self.variance_test.noise_estimates
         self._coupling = _Coupling(optimizer, rule, self._coupled_batch_sizes, estimates)
+        module = getattr(optimizer, "module", None) if self.bn_momentum == "samples" else None
+        self._running = _RunningStats(module, self._coupled_batch_sizes)
+        if variance_test is not None:  # observe-only: its own (ignored) decisions move nothing
+            variance_test._running.remove()
+        self._running.apply()
 
     def _may_change(self) -> bool:
         """Whether the batch can differ from the base batch size (else every factor is 1)."""
@@ -165,6 +180,7 @@ class _Schedule:
             self.variance_test.suggest(inputs, targets, current)  # decision ignored
         self.round += 1
         b = self.batch_size_at(self.round)
+        self._running.apply()
         self.last_stats = {"schedule": type(self).__name__, "round": self.round, "suggested": b}
         if self.variance_test is not None:
             est = self.variance_test.noise_estimates()
@@ -193,6 +209,7 @@ class _Schedule:
         if self.variance_test is not None and "variance_test" in state_dict:
             self.variance_test.load_state_dict(state_dict["variance_test"])
         self.round = rnd
+        self._running.apply()
 
 
 class ConstantBatchSize(_Schedule):
@@ -208,6 +225,8 @@ class ConstantBatchSize(_Schedule):
             rate was tuned for (default: None, the round-0 batch size).
         variance_test (VarianceTest, optional): observe-only noise estimates for
             ``"adascale"`` (see the module's docstring).
+        bn_momentum (str): ``"auto"`` (= ``"samples"``) or ``"none"``: whether the running
+            statistics of ``optimizer.module``'s norm layers follow the batch (module docstring).
 
     Example::
 
@@ -223,10 +242,11 @@ class ConstantBatchSize(_Schedule):
         lr_coupling: str = "auto",
         base_batch_size: int | None = None,
         variance_test: Any = None,
+        bn_momentum: str = "auto",
     ) -> None:
         super().__init__()
         self.batch_size = _check_int("batch_size", batch_size, 1)
-        self._couple(optimizer, lr_coupling, base_batch_size, variance_test)
+        self._couple(optimizer, lr_coupling, base_batch_size, variance_test, bn_momentum)
 
     def _may_change(self) -> bool:
         return self._base_batch is not None and self._base_batch != self.batch_size
@@ -259,6 +279,8 @@ class StagewiseBatchSize(_Schedule):
             rate was tuned for (default: None, the round-0 batch size).
         variance_test (VarianceTest, optional): observe-only noise estimates for
             ``"adascale"`` (see the module's docstring).
+        bn_momentum (str): ``"auto"`` (= ``"samples"``) or ``"none"``: whether the running
+            statistics of ``optimizer.module``'s norm layers follow the batch (module docstring).
 
     Example::
 
@@ -278,6 +300,7 @@ class StagewiseBatchSize(_Schedule):
         lr_coupling: str = "auto",
         base_batch_size: int | None = None,
         variance_test: Any = None,
+        bn_momentum: str = "auto",
     ) -> None:
         super().__init__()
         self.batch_size = _check_int("batch_size", batch_size, 1)
@@ -291,7 +314,7 @@ class StagewiseBatchSize(_Schedule):
         self.milestones = ms
         self.factor = factor
         self.max_batch_size = max_batch_size
-        self._couple(optimizer, lr_coupling, base_batch_size, variance_test)
+        self._couple(optimizer, lr_coupling, base_batch_size, variance_test, bn_momentum)
 
     def batch_size_at(self, r: int) -> int:
         stage = sum(1 for m in self.milestones if m <= r)
@@ -327,6 +350,8 @@ class LinearRampBatchSize(_Schedule):
             rate was tuned for (default: None, the round-0 batch size).
         variance_test (VarianceTest, optional): observe-only noise estimates for
             ``"adascale"`` (see the module's docstring).
+        bn_momentum (str): ``"auto"`` (= ``"samples"``) or ``"none"``: whether the running
+            statistics of ``optimizer.module``'s norm layers follow the batch (module docstring).
 
     Example::
 
@@ -345,6 +370,7 @@ class LinearRampBatchSize(_Schedule):
         lr_coupling: str = "auto",
         base_batch_size: int | None = None,
         variance_test: Any = None,
+        bn_momentum: str = "auto",
     ) -> None:
         super().__init__()
         self.start = _check_int("start", start, 1)
@@ -352,7 +378,7 @@ class LinearRampBatchSize(_Schedule):
         if self.end < self.start:
             raise ValueError(f"Invalid end: {end} (expected >= start={start})")
         self.ramp_rounds = _check_int("ramp_rounds", ramp_rounds, 1)
-        self._couple(optimizer, lr_coupling, base_batch_size, variance_test)
+        self._couple(optimizer, lr_coupling, base_batch_size, variance_test, bn_momentum)
 
     def batch_size_at(self, r: int) -> int:
         r = min(max(r, 0), self.ramp_rounds)
@@ -395,6 +421,8 @@ class DoublingBatchSize(_Schedule):
             ``"none"`` for the batch schedule alone).
         base_batch_size (int, optional): :math:`b_0` of the coupling (default: ``batch_size``).
         variance_test (VarianceTest, optional): observe-only estimates for ``"adascale"``.
+        bn_momentum (str): ``"auto"`` (= ``"samples"``) or ``"none"``: whether the running
+            statistics of ``optimizer.module``'s norm layers follow the batch (module docstring).
 
     Example::
 
@@ -416,6 +444,7 @@ class DoublingBatchSize(_Schedule):
         lr_coupling: str = "sqrt",
         base_batch_size: int | None = None,
         variance_test: Any = None,
+        bn_momentum: str = "auto",
     ) -> None:
         super().__init__()
         self.batch_size = _check_int("batch_size", batch_size, 1)
@@ -428,7 +457,7 @@ class DoublingBatchSize(_Schedule):
         self.max_batch_size = max_batch_size
         self._sizes = [self._size(0)]  # batch size of each round so far (a cache)
         self._samples = [0]  # samples consumed before each round
-        self._couple(optimizer, lr_coupling, base_batch_size, variance_test)
+        self._couple(optimizer, lr_coupling, base_batch_size, variance_test, bn_momentum)
 
     def _size(self, samples: int) -> int:
         b = self.batch_size * 2 ** sum(1 for m in self.milestones if m <= samples)
