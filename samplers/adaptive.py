@@ -18,7 +18,7 @@ __all__ = ["AdaptiveBatchSampler"]
 _STATE_KEYS = ("epoch", "position", "batch_size", "seed")
 # The configuration a state belongs to: a state saved under another one is refused on load.
 # (Checked when present, so states written before these keys existed still load.)
-_CONFIG_KEYS = ("dataset_len", "num_replicas", "shuffle", "drop_last")
+_CONFIG_KEYS = ("dataset_len", "num_replicas", "shuffle", "drop_last", "drop_last_batch")
 
 
 def _is_int(value: Any) -> bool:
@@ -141,6 +141,11 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
             the dataset so that it divides evenly among ranks, instead of padding it by repeating
             indices. It does *not* drop a short last batch: the last batch of an epoch may be
             smaller than ``batch_size`` on every rank alike (default: ``False``).
+        drop_last_batch (bool, optional): :class:`BatchSampler`'s ``drop_last``: skip an epoch's
+            last batch when it is shorter than the batch size in force, on every rank alike (so
+            the ranks' step counts still agree). With a growing batch the tail's size changes
+            from epoch to epoch, and a tail of one sample breaks BatchNorm in training mode
+            ("Expected more than 1 value per channel") late in a run (default: ``False``).
         max_batch_size (int, optional): upper bound of the batch size; larger values passed to
             :meth:`set_batch_size` or loaded by :meth:`load_state_dict` are clamped to it, for
             instance to stay within device memory (default: ``None``, no bound).
@@ -149,8 +154,9 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         TypeError: if ``dataset`` has no ``len()`` (an ``IterableDataset``): the sampler shards
             the indices of a map-style dataset.
         ValueError: if ``batch_size``, ``max_batch_size``, ``num_replicas``, ``rank`` or ``seed``
-            is not an integer (``bool`` is not) or out of range, if ``shuffle`` or ``drop_last``
-            is not a ``bool``, or if ``batch_size > max_batch_size`` at construction.
+            is not an integer (``bool`` is not) or out of range, if ``shuffle``, ``drop_last`` or
+            ``drop_last_batch`` is not a ``bool``, or if ``batch_size > max_batch_size`` at
+            construction.
 
     Example::
 
@@ -204,6 +210,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         drop_last: bool = False,
         max_batch_size: int | None = None,
+        drop_last_batch: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
@@ -246,12 +253,15 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
             raise ValueError(f"Invalid seed: {seed!r}")
         if not isinstance(drop_last, bool):
             raise ValueError(f"Invalid drop_last: {drop_last!r}")
+        if not isinstance(drop_last_batch, bool):
+            raise ValueError(f"Invalid drop_last_batch: {drop_last_batch!r}")
 
         self.dataset = dataset
         self.num_replicas = int(num_replicas)
         self.rank = int(rank)
         self.shuffle = shuffle
         self.drop_last = drop_last
+        self.drop_last_batch = drop_last_batch
         self.max_batch_size = None if max_batch_size is None else int(max_batch_size)
         self._seed = int(seed)
         self._dataset_len = len(dataset)
@@ -352,6 +362,9 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         while self._generation == generation and self._position < end_of_epoch:
             start = self._position
             stop = min(start + self._batch_size, end_of_epoch)
+            if self.drop_last_batch and stop - start < self._batch_size:
+                self._position = end_of_epoch  # the short tail is skipped
+                break
             self._position = stop
             yield indices[start:stop]
         if self._generation == generation:  # epoch done: the next iteration starts it over
@@ -362,15 +375,19 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
 
         At the start of an epoch that is :math:`\lceil N / b \rceil`; mid-epoch it counts only
         the batches after the current position, so ``len(DataLoader(...))`` shrinks after a
-        :meth:`set_batch_size` call that grows the batch.
+        :meth:`set_batch_size` call that grows the batch. With ``drop_last_batch``:
+        :math:`\lfloor N / b \rfloor`.
         """
-        return -(-(self.num_samples - self._position) // self._batch_size)
+        left = self.num_samples - self._position
+        if self.drop_last_batch:
+            return left // self._batch_size
+        return -(-left // self._batch_size)
 
     def state_dict(self) -> dict[str, Any]:
         """The sampler's progress: ``epoch``, ``position`` (indices of this epoch already yielded
         on each rank), ``batch_size`` and ``seed``, and the configuration it belongs to:
-        ``dataset_len``, ``num_replicas``, ``shuffle`` and ``drop_last`` (plain ints and bools,
-        the same on every rank)."""
+        ``dataset_len``, ``num_replicas``, ``shuffle``, ``drop_last`` and ``drop_last_batch``
+        (plain ints and bools, the same on every rank)."""
         return {
             "epoch": self._epoch,
             "position": self._position,
@@ -380,6 +397,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
             "num_replicas": self.num_replicas,
             "shuffle": self.shuffle,
             "drop_last": self.drop_last,
+            "drop_last_batch": self.drop_last_batch,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -431,5 +449,6 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
             f"{type(self).__name__}(num_samples={self.num_samples}, batch_size={self._batch_size}, "
             f"max_batch_size={self.max_batch_size}, num_replicas={self.num_replicas}, "
             f"rank={self.rank}, shuffle={self.shuffle}, seed={self.seed}, "
-            f"drop_last={self.drop_last}, epoch={self._epoch}, position={self._position})"
+            f"drop_last={self.drop_last}, drop_last_batch={self.drop_last_batch}, "
+            f"epoch={self._epoch}, position={self._position})"
         )

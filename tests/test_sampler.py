@@ -318,6 +318,7 @@ def test_state_dict_contents_and_batch_size_clamped():
     assert a.state_dict() == {
         "epoch": 5, "position": 8, "batch_size": 6, "seed": 123,
         "dataset_len": 50, "num_replicas": 1, "shuffle": True, "drop_last": False,
+        "drop_last_batch": False,
     }  # fmt: skip
     b = AdaptiveBatchSampler(IndexDataset(50), 4, seed=123, max_batch_size=5)
     b.load_state_dict(a.state_dict())
@@ -631,3 +632,46 @@ def test_micro_batch_accumulation_equals_full_batch_gradient(micro_batch_size):
         (F.cross_entropy(model(xb), yb) * (len(yb) / len(y))).backward()
     for p, g in zip(model.parameters(), full):
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("num_replicas,rank", [(1, 0), (3, 2), (4, 1)])
+@pytest.mark.parametrize("batch_size", [1, 3, 8, 100])
+def test_drop_last_batch_matches_batch_sampler(num_replicas, rank, batch_size):
+    """``drop_last_batch`` is ``BatchSampler``'s ``drop_last`` over ``DistributedSampler``."""
+    ds = IndexDataset(37)
+    torch_sampler = BatchSampler(
+        DistributedSampler(ds, num_replicas=num_replicas, rank=rank, seed=5), batch_size, True
+    )
+    sampler = AdaptiveBatchSampler(
+        ds, batch_size, num_replicas=num_replicas, rank=rank, seed=5, drop_last_batch=True
+    )
+    for epoch in range(3):
+        torch_sampler.sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        assert len(sampler) == len(torch_sampler)
+        assert list(sampler) == list(torch_sampler)
+
+
+def test_drop_last_batch_with_a_growing_batch_and_resume():
+    """The tail is judged against the batch size in force; every rank drops alike; a state
+    saved with it refuses a sampler without it."""
+    ds = IndexDataset(50)
+    batches = []
+    for rank in range(2):
+        s = AdaptiveBatchSampler(ds, 4, num_replicas=2, rank=rank, shuffle=False,
+                                 drop_last_batch=True)
+        got = []
+        for b in s:
+            got.append(b)
+            s.set_batch_size(len(got) * 4 + 4)  # 4, 8, 12, 16: 25 indices per rank -> 4+8+12 = 24
+        batches.append(got)
+        assert [len(b) for b in got] == [4, 8, 12]  # the last, 1 index < 16, is dropped
+        assert got[0] == list(range(rank, 8, 2))
+        assert len(s) == 25 // 16  # a new epoch at the batch size in force
+    state = s.state_dict()
+    assert state["drop_last_batch"] is True
+    other = AdaptiveBatchSampler(ds, 4, num_replicas=2, rank=1, shuffle=False)
+    with pytest.raises(ValueError, match="drop_last_batch"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="drop_last_batch"):
+        AdaptiveBatchSampler(ds, 4, drop_last_batch=1)
