@@ -130,8 +130,9 @@ class _Schedule:
         self._coupling = _Coupling(optimizer, rule, self._coupled_batch_sizes, estimates)
         module = getattr(optimizer, "module", None) if self.bn_momentum == "samples" else None
         self._running = _RunningStats(module, self._coupled_batch_sizes)
-        if variance_test is not None:  # observe-only: its own (ignored) decisions move nothing
-            variance_test._running.remove()
+        observed = getattr(variance_test, "_running", None)
+        if observed is not None:  # observe-only: its own (ignored) decisions move nothing
+            observed.remove()
         self._running.apply()
 
     def _may_change(self) -> bool:
