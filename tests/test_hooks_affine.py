@@ -52,7 +52,7 @@ def loop_per_sample(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("variant", ["grouped", "im2col", "chunks"])
+@pytest.mark.parametrize("variant", ["grouped", "im2col", "chunks", "cache_chunks"])
 @pytest.mark.parametrize("mode", MODES)
 def test_affine_paths_match_per_sample_loop(mode, variant, monkeypatch):
     # the convolutions' per-sample kernel: grouped convolution or im2col + batched matmul
@@ -60,6 +60,8 @@ def test_affine_paths_match_per_sample_loop(mode, variant, monkeypatch):
     if variant == "chunks":  # several chunks of samples per layer (by default one fits all)
         monkeypatch.setattr(affine, "_CACHE_ELEMENTS", 200)
         monkeypatch.setattr(affine, "_CHUNK_ELEMENTS", 200)
+    if variant == "cache_chunks":  # "stream" chunks sized by what they touch: 1-3 samples here
+        monkeypatch.setattr(affine, "_STREAM_ELEMENTS", 2000)
     torch.manual_seed(0)
     model = TwiceNet().double()
     x = torch.randn(7, 3, 8, 8, dtype=torch.float64)

@@ -148,6 +148,14 @@ class ConvRule(AffineRule):
         ).view(c, -1)
         return gw if out is None else out.copy_(gw)
 
+    def sample_elements(self, module: nn.Module, a: Tensor, d: Tensor) -> int:
+        """The input and output gradient, and the im2col patches :meth:`per_sample` copies
+        when it takes the batched matmul."""
+        t = d[0, 0].numel()
+        copied = self.unfold_cost(module, t) > 0 and not self._grouped(module, t)
+        k = module.weight[0].numel() * module.groups
+        return a[0].numel() + d[0].numel() + (t * k if copied else 0)
+
     def weight_sum(self, module: nn.Module, a: Tensor, d: Tensor) -> Tensor:
         return self._weight_grad(module, a, d, module.groups).reshape(-1)
 
