@@ -93,6 +93,11 @@ class AffineRule(Rule):
     def deltas(self, module: nn.Module, d: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def ghost_patches(self, module: nn.Module, a: Tensor) -> Tensor:
+        """:meth:`patches` for ``"ghost"``, in whatever memory layout its Gram matrices and
+        patch sum read fastest."""
+        return self.patches(module, a)
+
     def weight_forward(self, module: nn.Module, a: Tensor, v: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -213,7 +218,7 @@ class AffineRule(Rule):
                 pairs = [(c.inputs.to(w.dtype), c.delta.to(w.dtype)) for c in calls]
                 mode = site.mode = self.choose_mode(site, memory)
                 if mode == "ghost":
-                    us = [self.patches(module, a) for a, _ in pairs]
+                    us = [self.ghost_patches(module, a) for a, _ in pairs]
                     ds = [self.deltas(module, d) for _, d in pairs]
                     if self.patch_sums:  # from the patches formed for the Gram matrices anyway
                         sums = [_patch_sum(u, d) for u, d in zip(us, ds)]
