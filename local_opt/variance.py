@@ -17,7 +17,7 @@ from local_opt import _checks, _comm, _stats, backends
 from local_opt._validate import is_int
 from local_opt.accumulation import Accumulation
 from local_opt.backends.hooks import StatsCapture
-from local_opt.backends.hooks.check import UnaccountedGradient
+from local_opt.backends.hooks.check import NonFiniteGradient, UnaccountedGradient
 from local_opt.backends.microbatch import stats_from_micro_batch_grads
 from local_opt.backends.recorder import MicroBatchRecorder, Workspace
 from local_opt.backends.vmap import uses_batch_statistics
@@ -61,6 +61,11 @@ _EMA_KEYS = ("variance", "direction_variance", "orthogonal_variance", "sq_norm")
 #: Floor of the de-biased |G|^2 as a fraction of the observed ||g_bar||^2 (policy.debiased_sq_norm):
 #: 1 % keeps one noise-dominated round from asking for more than 100x the pooled batch.
 _SQ_NORM_FLOOR = 0.01
+# Why a statistic is not finite, nearly always: said with the reason to keep the batch size.
+_DIVERGES = (
+    ": the gradients hold an Inf or a NaN or overflow, the training diverges (lower the "
+    "learning rate, clip the gradients or add a warm-up)"
+)
 
 
 def _check_positive_float(name: str, value: Any) -> float:
@@ -854,6 +859,9 @@ class VarianceTest:
             )
         try:
             stats = capture.grad_stats()  # validates; cheap
+        except NonFiniteGradient as e:  # a diverging step: keep b with a warning (after pooling)
+            assert e.stats is not None
+            stats = e.stats  # type: ignore[assignment]
         except UnaccountedGradient as e:  # no batch here to fall back with: say what to do
             raise RuntimeError(
                 f"VarianceTest.suggest_from_capture: the in-step statistics cannot be taken on "
@@ -939,7 +947,7 @@ class VarianceTest:
         if pooled.count < 2:
             return self._keep(batch_size, f"fewer than two gradient units pooled ({pooled.count})")
         if not math.isfinite(g2):
-            return self._keep(batch_size, f"non-finite mean gradient norm ({g2})")
+            return self._keep(batch_size, f"non-finite mean gradient norm ({g2}){_DIVERGES}")
         if g2 == 0.0:
             return self._keep(batch_size, "zero mean gradient")
         info.update(_stats.raw_batch_sizes(pooled, self.eta, self.theta, self.nu))
@@ -986,7 +994,7 @@ class VarianceTest:
             obs["orthogonal_variance"] = max(info["orthogonal_variance"], 0.0)
         bad = [k for k, x in obs.items() if not math.isfinite(x)]
         if bad:
-            return f"non-finite statistic ({bad[0]} = {obs[bad[0]]})"
+            return f"non-finite statistic ({bad[0]} = {obs[bad[0]]}){_DIVERGES}"
         info["sq_norm_debiased"] = obs["sq_norm"]
         if self._dof >= self.min_dof and self._ema["variance"].steps:  # an average to trust
             ref = self._ema["variance"].value / self._ema["sq_norm"].value

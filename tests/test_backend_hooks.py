@@ -741,6 +741,56 @@ def test_mutation_dropped_contribution_is_detected(monkeypatch, mutation):
         cap.grad_stats()
 
 
+def _scaled_ce(scale):
+    return lambda out, y: F.cross_entropy(out, y) * scale
+
+
+@pytest.mark.parametrize(
+    "scale",
+    [float("inf"), 1e30],  # Inf/NaN gradients; finite ones whose norms overflow float32
+    ids=["inf", "overflow"],
+)
+def test_nonfinite_gradient_is_reported_as_divergence_not_as_unseen_use(scale):
+    """A diverging step's gradients fail the accounting check for every parameter; the error
+    says they are not finite (lower the learning rate), not that the hooks missed a use, and the
+    model stays covered: the next finite step is checked and exact. (The separate pass's check
+    sums in float64: gradients of 1e30 pass it, only Inf/NaN ones are reported.)"""
+    from local_opt import VarianceTest
+    from local_opt.backends.hooks.check import NonFiniteGradient, UnaccountedGradient
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 5, generator=gen), torch.randint(0, 3, (6,), generator=gen)
+    with StatsCapture(model) as cap:
+        _scaled_ce(scale)(model(x), y).backward()
+    with pytest.raises(NonFiniteGradient, match="not finite.*learning rate") as err:
+        cap.grad_stats()
+    assert not isinstance(err.value, UnaccountedGradient) and "0.weight" in err.value.names
+    assert not torch.isfinite(err.value.stats.sq_norm_sum)  # never mistaken for a finite step
+    model.zero_grad(set_to_none=True)
+    if scale == float("inf"):
+        with pytest.raises(NonFiniteGradient, match="diverges"):  # the separate pass's check
+            hooks_grad_stats(model, _scaled_ce(scale), x, y)
+        # VarianceTest keeps the batch size with a warning saying why, for both paths
+        vt = VarianceTest(model, _scaled_ce(scale), backend="hooks")
+        with pytest.warns(RuntimeWarning, match="diverges.*keeping batch_size=6"):
+            assert vt.suggest(x, y, 6) == 6
+    vt = VarianceTest(model, F.cross_entropy)
+    with vt.capture() as cap:
+        _scaled_ce(scale)(model(x), y).backward()
+    with pytest.warns(RuntimeWarning, match="diverges.*keeping batch_size=6"):
+        assert vt.suggest_from_capture(cap, 6) == 6
+    # still covered, and a finite step passes the check with exact statistics
+    assert supports(model) and not unsupported_layers(model)
+    model.zero_grad(set_to_none=True)
+    per_sample = vmap_per_sample(model, F.cross_entropy, x, y)
+    check_against(model, F.cross_entropy, x, y, per_sample, 1e-4)
+    with StatsCapture(model) as cap:
+        F.cross_entropy(model(x), y).backward()
+    assert rel(cap.grad_stats().sq_norm_sum, (per_sample * per_sample).sum()) <= 1e-4
+
+
 # ----------------------------------------------------------------------------------------------
 # "auto" when the hooks backend cannot cover a model: vmap or microbatch by cost and memory
 # ----------------------------------------------------------------------------------------------

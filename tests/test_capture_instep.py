@@ -101,8 +101,14 @@ def _bncnn():
     return model, x, torch.tensor([0, 1, 2, 3, 1, 0])
 
 
+@pytest.mark.parametrize("chunks", [False, True])
 @pytest.mark.parametrize("inner", [False, True])
-def test_cnn_batchnorm_eval_matches_loop(inner):
+def test_cnn_batchnorm_eval_matches_loop(inner, chunks, monkeypatch):
+    if chunks:  # per-sample gradients in chunks of 3 and 4 (+2) samples, sized by what they touch
+        from local_opt.backends.hooks.rules import affine
+
+        monkeypatch.setattr(affine, "_STREAM_ELEMENTS", 8000)
+        monkeypatch.setattr(affine, "_GROUPED_OVERHEAD", 1e9)  # im2col + batched matmul
     model, x, y = _bncnn()
     model.eval()
     ref = per_sample_loop(model, F.cross_entropy, x, y)

@@ -52,7 +52,7 @@ def loop_per_sample(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("variant", ["grouped", "im2col", "chunks"])
+@pytest.mark.parametrize("variant", ["grouped", "im2col", "chunks", "cache_chunks"])
 @pytest.mark.parametrize("mode", MODES)
 def test_affine_paths_match_per_sample_loop(mode, variant, monkeypatch):
     # the convolutions' per-sample kernel: grouped convolution or im2col + batched matmul
@@ -60,6 +60,8 @@ def test_affine_paths_match_per_sample_loop(mode, variant, monkeypatch):
     if variant == "chunks":  # several chunks of samples per layer (by default one fits all)
         monkeypatch.setattr(affine, "_CACHE_ELEMENTS", 200)
         monkeypatch.setattr(affine, "_CHUNK_ELEMENTS", 200)
+    if variant == "cache_chunks":  # "stream" chunks sized by what they touch: 1-3 samples here
+        monkeypatch.setattr(affine, "_STREAM_ELEMENTS", 2000)
     torch.manual_seed(0)
     model = TwiceNet().double()
     x = torch.randn(7, 3, 8, 8, dtype=torch.float64)
@@ -150,3 +152,61 @@ def test_nd_and_transposed_conv_paths_match_per_sample_loop(mode, variant, monke
     torch.testing.assert_close(got_sum, ref.sum(0), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(stats.sq_norm_sum, (ref * ref).sum(), rtol=1e-9, atol=0)
     torch.testing.assert_close(stats.inner_sq_sum(v), ((ref @ flat_v) ** 2).sum(), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("positions_major", [False, True])
+@pytest.mark.parametrize(
+    "k, dil, pad, stride, hw",
+    [
+        ((3, 3), (1, 1), (1, 1), (1, 1), 7),  # narrow output (F.unfold unless positions-major)
+        ((3, 3), (1, 1), (1, 1), (1, 1), 9),  # at least 8 wide: the strided copy
+        ((3, 2), (2, 1), (2, 0), (2, 1), 11),
+        ((1, 1), (1, 1), (0, 0), (2, 2), 9),  # strided 1x1 (a ResNet's downsample)
+        ((2, 2), (1, 1), (0, 0), (2, 2), 8),  # non-overlapping patches
+        ((3, 3), (1, 1), (0, 0), (1, 1), 3),  # one position
+    ],
+)
+def test_im2col_matches_unfold(k, dil, pad, stride, hw, positions_major):
+    from local_opt.backends.hooks.rules.conv import im2col
+
+    a = torch.randn(3, 4, hw, hw + 1, dtype=torch.float64)
+    want = F.unfold(a, k, dilation=dil, padding=pad, stride=stride)
+    got = im2col(a, k, dil, pad, stride, positions_major)
+    assert torch.equal(got, want)
+
+
+class OneGroupNet(nn.Module):
+    """One-group Conv2d/Conv1d layers whose "ghost" patches are laid out positions-major: a
+    narrow output, a dilated strided one, one called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 5, 3, padding=1)
+        self.c2 = nn.Conv2d(5, 6, 3, stride=2, padding=2, dilation=2)
+        self.c1d = nn.Conv1d(6, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.tanh(self.c1(x))  # 7x7: narrow
+        x = torch.tanh(self.c2(x))  # 4x4
+        s = x.flatten(2)
+        s = torch.tanh(self.c1d(s)) + self.c1d(s.flip(-1))
+        return self.head(s.mean(2))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_one_group_conv_paths_match_per_sample_loop(mode):
+    from local_opt import StatsCapture
+
+    torch.manual_seed(0)
+    model = OneGroupNet().double()
+    x = torch.randn(5, 3, 7, 7, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    ref = loop_per_sample(model, x, y)
+    stats = hooks_grad_stats(model, F.cross_entropy, x, y, mode=mode)
+    got_sum = torch.cat([g.reshape(-1) for g in stats.grad_sum])
+    torch.testing.assert_close(got_sum, ref.sum(0), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(stats.sq_norm_sum, (ref * ref).sum(), rtol=1e-9, atol=0)
+    with StatsCapture(model, mode=mode, inner_products=False) as cap:
+        F.cross_entropy(model(x), y).backward()
+    torch.testing.assert_close(cap.grad_stats().sq_norm_sum, (ref * ref).sum(), rtol=1e-9, atol=0)

@@ -9,6 +9,8 @@ output the rule differentiates; :mod:`.assemble` turns those into statistics.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
@@ -21,6 +23,7 @@ from local_opt.backends.hooks.assemble import _OOM, _finish, assemble, reduce_la
 from local_opt.backends.hooks.check import (
     UNCOVERED,
     GradFingerprints,
+    NonFiniteGradient,
     UnaccountedGradient,
     mark_checked,
     needs_check,
@@ -94,7 +97,8 @@ def hooks_grad_stats(
             batch gradient of every covered parameter (:func:`~.check.unaccounted`); the first
             pass per model and module modes pays one weight-gradient matmul per layer for it.
             A parameter that receives gradient through a path the hooks did not see raises
-            :class:`~.check.UnaccountedGradient` (default: ``True``).
+            :class:`~.check.UnaccountedGradient`; a non-finite gradient (a diverging step)
+            raises :class:`~.check.NonFiniteGradient` (default: ``True``).
 
     Returns:
         GradStats: with ``unit_size=1`` and ``grad_sum`` in the order of the model's trainable
@@ -163,7 +167,11 @@ def hooks_grad_stats(
     if verify:
         sums = dict(zip(map(id, params), stats.grad_sum))
         got = [sums[id(p)] for p in checked]
-        bad = unaccounted(model, checked, got, reference, low)
+        try:
+            bad = unaccounted(model, checked, got, reference, low)
+        except NonFiniteGradient as e:
+            e.stats = _nan_stats(stats)
+            raise
         if bad:
             raise UnaccountedGradient(bad)
         mark_checked(model, checked, training)
@@ -206,13 +214,18 @@ def hooks_stats(
     Never silently wrong: when a parameter receives gradient through a path the hooks did not
     see (:class:`~.check.UnaccountedGradient`), this warns once per model, naming the
     parameters, and returns the exact statistics of the ``"vmap"`` backend instead; the model
-    is then no longer :func:`~.plan.supports`-ed, so ``"auto"`` chooses for it directly.
+    is then no longer :func:`~.plan.supports`-ed, so ``"auto"`` chooses for it directly. When
+    the batch gradient is not finite (:class:`~.check.NonFiniteGradient`, a diverging step),
+    the returned statistics are, with ``sq_norm_sum`` NaN.
     """
     if model not in UNCOVERED:
         try:
             return hooks_grad_stats(model, loss_fn, inputs, targets, inner_products=inner_products)
         except UnaccountedGradient as e:
             warn_unaccounted(model, e)
+        except NonFiniteGradient as e:  # the statistics of any backend: VarianceTest keeps b
+            assert e.stats is not None
+            return e.stats  # type: ignore[return-value]
     return vmap_stats(model, loss_fn, inputs, targets, inner_products=inner_products, **options)
 
 
@@ -619,8 +632,10 @@ class StatsCapture:
 
         Raises :class:`~local_opt.backends.hooks.check.UnaccountedGradient` (a RuntimeError)
         naming the parameters when the contributions the hooks saw do not add up to the
-        gradient the backward computed (see :mod:`~local_opt.backends.hooks.check`), and any
-        error a rule met during the backward."""
+        gradient the backward computed (see :mod:`~local_opt.backends.hooks.check`),
+        :class:`~local_opt.backends.hooks.check.NonFiniteGradient` (a FloatingPointError) when
+        that gradient holds an Inf or a NaN (the training diverges), and any error a rule met
+        during the backward."""
         if self._result is None:
             self._result = self._compute_stats()
         if isinstance(self._result, Exception):  # met when the block ended
@@ -660,12 +675,21 @@ class StatsCapture:
         self._finished = {}
         if self._fingerprints is not None:
             sums = dict(zip(map(id, params), stats.grad_sum))
-            bad = self._fingerprints.unaccounted(
-                self.model, [sums[id(p)] for p in self._checked], self._low
-            )
+            try:
+                bad = self._fingerprints.unaccounted(
+                    self.model, [sums[id(p)] for p in self._checked], self._low
+                )
+            except NonFiniteGradient as e:
+                e.stats = _nan_stats(stats)
+                raise
             if bad:
                 raise UnaccountedGradient(bad)
         return stats
+
+
+def _nan_stats(stats: GradStats) -> GradStats:
+    """``stats`` with ``sq_norm_sum`` NaN: a non-finite step is never taken for a finite one."""
+    return dataclasses.replace(stats, sq_norm_sum=torch.full_like(stats.sq_norm_sum, math.nan))
 
 
 def _no_inner(v: dict[str, Tensor]) -> Tensor:

@@ -31,6 +31,12 @@ parameter's gradient is not detected.
 A mismatch raises :class:`UnaccountedGradient` naming the parameters; the ``"hooks"`` backend
 then warns (:func:`warn_unaccounted`) and hands the model to the exact ``"vmap"`` backend, and
 :func:`~local_opt.backends.hooks.plan.unsupported_layers` reports the model from then on.
+
+Non-finite numbers say nothing about unseen uses: when a gradient of a diverging step (or of a
+loss scaler's overflowing step) holds an Inf or a NaN, or is so large that its norm overflows,
+:math:`\lVert S_p - G_p\rVert` is NaN for every parameter it reaches. The check then raises
+:class:`NonFiniteGradient` instead, naming those parameters: the step's statistics are not
+usable, the model's coverage is not in question (it stays checked on the next finite step).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["UnaccountedGradient", "UnsupportedShapes"]
+__all__ = ["NonFiniteGradient", "UnaccountedGradient", "UnsupportedShapes"]
 
 _LOW_RTOL = 3e-2
 _RTOL = {torch.float64: 1e-6, torch.float32: 1e-3}
@@ -87,6 +93,34 @@ class UnsupportedShapes(UnaccountedGradient):
     @property
     def headline(self) -> str:
         return f"cannot split the rows of {', '.join(self.names)} by sample ({self.reason})"
+
+
+class NonFiniteGradient(FloatingPointError):
+    """The gradients of the step are not finite (Inf or NaN) or too large for their dtype, so
+    the accounting check cannot compare them: the training diverges, or a loss scaler's step
+    overflowed. Not a failure of the hooks backend: every backend's statistics of this step are
+    non-finite.
+
+    Attributes:
+        names (list[str]): the parameters with a non-finite gradient, sum or fingerprint.
+        stats (GradStats | None): the step's statistics, with ``sq_norm_sum`` NaN (set by
+            :class:`~local_opt.backends.hooks.StatsCapture` and
+            :func:`~local_opt.backends.hooks.hooks_grad_stats`), for a caller that keeps its
+            batch size on non-finite statistics as :class:`~local_opt.VarianceTest` does.
+    """
+
+    def __init__(self, names: Sequence[str], dtype: torch.dtype) -> None:
+        self.names = list(names)
+        self.stats: object | None = None
+        shown = ", ".join(self.names[:4]) + (
+            f" and {len(self.names) - 4} more" if len(self.names) > 4 else ""
+        )
+        super().__init__(
+            f"The gradients of this step are not finite (Inf or NaN, or beyond the range of "
+            f"{dtype}) at {shown}: the training diverges (or a loss scaler's step overflowed). "
+            "Lower the learning rate, clip the gradients (torch.nn.utils.clip_grad_norm_) or add "
+            "a warm-up; the per-sample statistics of such a step are not finite either"
+        )
 
 
 def _key(model: nn.Module, params: Sequence[Tensor], training: tuple | None) -> tuple:
@@ -149,6 +183,7 @@ def unaccounted(
     dev = diffs[0].device
     d, sc, rf = torch.stack([torch.stack([t.to(dev) for t in x]) for x in (diffs, scales, refs)])
     d, sc = d.tolist(), sc.tolist()
+    _raise_nonfinite(model, params, [(di, si) for di, si in zip(d, sc)])
     total = math.sqrt(sum(r**2 for r in rf.tolist()))
     bad = []
     for p, di, si in zip(params, d, sc):
@@ -156,6 +191,16 @@ def unaccounted(
         if not di <= _rtol(p.dtype, low) * si + eps * total:
             bad.append(p)
     return _names(model, bad)
+
+
+def _raise_nonfinite(
+    model: nn.Module, params: Sequence[Tensor], rows: Sequence[Sequence[float]]
+) -> None:
+    """Raise :class:`NonFiniteGradient` naming the parameters whose row of the check's numbers
+    holds an Inf or a NaN."""
+    bad = [p for p, row in zip(params, rows) if not all(map(math.isfinite, row))]
+    if bad:
+        raise NonFiniteGradient(_names(model, bad), bad[0].dtype)
 
 
 class GradFingerprints:
@@ -207,6 +252,7 @@ class GradFingerprints:
                 ).to(dev)
             )
         table = torch.stack(rows).tolist()
+        _raise_nonfinite(model, self.params, table)
         total = math.sqrt(sum(r[2] ** 2 for r in table))
         bad = []
         for p, (sn, sd, gn, gd, pn) in zip(self.params, table):
