@@ -104,12 +104,16 @@ def test_epoch_matches_distributed_sampler(num_replicas, shuffle, drop_last, n):
 
 @pytest.mark.parametrize("num_replicas,rank", [(1, 0), (3, 2), (4, 1)])
 @pytest.mark.parametrize("batch_size", [1, 3, 8, 100])
-def test_constant_size_matches_batch_sampler(num_replicas, rank, batch_size):
+@pytest.mark.parametrize("drop", [False, True], ids=["keep_tail", "drop_last_batch"])
+def test_constant_size_matches_batch_sampler(num_replicas, rank, batch_size, drop):
+    """``drop_last_batch`` is ``BatchSampler``'s ``drop_last`` over ``DistributedSampler``."""
     ds = IndexDataset(37)
     torch_sampler = BatchSampler(
-        DistributedSampler(ds, num_replicas=num_replicas, rank=rank, seed=5), batch_size, False
+        DistributedSampler(ds, num_replicas=num_replicas, rank=rank, seed=5), batch_size, drop
     )
-    sampler = AdaptiveBatchSampler(ds, batch_size, num_replicas=num_replicas, rank=rank, seed=5)
+    sampler = AdaptiveBatchSampler(
+        ds, batch_size, num_replicas=num_replicas, rank=rank, seed=5, drop_last_batch=drop
+    )
     for epoch in range(3):
         torch_sampler.sampler.set_epoch(epoch)
         sampler.set_epoch(epoch)
@@ -632,24 +636,6 @@ def test_micro_batch_accumulation_equals_full_batch_gradient(micro_batch_size):
         (F.cross_entropy(model(xb), yb) * (len(yb) / len(y))).backward()
     for p, g in zip(model.parameters(), full):
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
-
-
-@pytest.mark.parametrize("num_replicas,rank", [(1, 0), (3, 2), (4, 1)])
-@pytest.mark.parametrize("batch_size", [1, 3, 8, 100])
-def test_drop_last_batch_matches_batch_sampler(num_replicas, rank, batch_size):
-    """``drop_last_batch`` is ``BatchSampler``'s ``drop_last`` over ``DistributedSampler``."""
-    ds = IndexDataset(37)
-    torch_sampler = BatchSampler(
-        DistributedSampler(ds, num_replicas=num_replicas, rank=rank, seed=5), batch_size, True
-    )
-    sampler = AdaptiveBatchSampler(
-        ds, batch_size, num_replicas=num_replicas, rank=rank, seed=5, drop_last_batch=True
-    )
-    for epoch in range(3):
-        torch_sampler.sampler.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        assert len(sampler) == len(torch_sampler)
-        assert list(sampler) == list(torch_sampler)
 
 
 def test_drop_last_batch_with_a_growing_batch_and_resume():
