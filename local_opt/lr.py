@@ -165,6 +165,12 @@ def resolve_rule(lr_coupling: Any, optimizer: Any) -> str:
     return str(lr_coupling)
 
 
+def _scale(batch_sizes: Callable[[], tuple[int | None, int | None]]) -> float:
+    """:math:`S = b/b_0` from an owner's ``(b0, b)``; 1 while either is unknown."""
+    b0, b = batch_sizes()
+    return 1.0 if b0 is None or b is None else b / b0
+
+
 class _Coupling:
     r"""Applies a rule's factor to ``optimizer``'s learning rates during each ``step()``.
 
@@ -201,8 +207,7 @@ class _Coupling:
             ]
 
     def scale(self) -> float:
-        b0, b = self._batch_sizes()
-        return 1.0 if b0 is None or b is None else b / b0
+        return _scale(self._batch_sizes)
 
     def factor(self, group: int = 0, lr: Any = None) -> float:
         """The factor for param group ``group`` at schedule learning rate ``lr`` (default: the
@@ -328,10 +333,8 @@ class _RunningStats:
             ]
 
     def momentum(self, m0: float) -> float:
-        b0, b = self._batch_sizes()
-        if b0 is None or b is None or b == b0:
-            return m0
-        return 1.0 - (1.0 - m0) ** (b / b0)
+        s = _scale(self._batch_sizes)
+        return m0 if s == 1.0 else 1.0 - (1.0 - m0) ** s
 
     def apply(self) -> None:
         for layer, m0 in self.layers:
