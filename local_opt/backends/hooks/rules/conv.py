@@ -67,6 +67,7 @@ def im2col(
         # Gram matrices and the weight gradient read rows of the patch, contiguous here)
         v = a[:, :, : ho * kh, : wo * kw].reshape(n, c, ho, kh, wo, kw)
         return v.permute(0, 2, 4, 1, 3, 5).reshape(n, ho * wo, c * kh * kw).transpose(1, 2)
+    positions_major = positions_major and ho * wo >= _POSITIONS_MAJOR_MIN
     if ho < 1 or wo < 1 or (wo < 8 and ho * wo != 1 and not positions_major):
         return F.unfold(a, k, dilation=dil, padding=pad, stride=stride)
     if ph or pw:
@@ -78,6 +79,11 @@ def im2col(
         return v.permute(1, 4, 5, 0, 2, 3).reshape(c * kh * kw, n, ho * wo).transpose(0, 1)
     return v.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, ho * wo)
 
+
+#: Fewer output positions than this: :func:`im2col` ignores ``positions_major`` (the permuting copy
+#: has inner loops of a few elements: 0.46 ms against ``F.unfold``'s 0.16 ms for 16 samples of 48
+#: channels at 2x2, 3x3 kernel; at 7x7 and more the layout pays, see :func:`im2col`).
+_POSITIONS_MAJOR_MIN = 49
 
 #: One element of the patches :func:`im2col` copies from a strided view (~0.4 ns against
 #: ``F.unfold``'s ~2 ns at b=16 on 8-16 px outputs, one thread): the unit of ``affine``'s model.

@@ -80,9 +80,9 @@ class BatchNormRule(DiagonalRule):
         c = shape.numel()
         if x.dim() < 2 or x.shape[1] != c or not (x.is_contiguous() and delta.is_contiguous()):
             return super().weight_grads(module, x, delta, shape, call)
-        xv, dv = x.view(n * c, -1, 1), delta.view(n * c, 1, -1)
-        sdx = torch.bmm(dv, xv).view(n, c).double()
-        sd = dv.sum(2).view(n, c).double()
+        xv, dv = x.view(n, c, -1), delta.view(n, c, -1)
+        sdx = torch.linalg.vecdot(dv, xv).double()  # half bmm's time on (N·C, 1, T) x (N·C, T, 1)
+        sd = dv.sum(2).double()
         mean, rstd = self._mean_rstd(module, x, c, call)
         return ((sdx - mean * sd) * rstd).to(delta.dtype).reshape(n, *shape)
 
