@@ -791,6 +791,46 @@ def test_nonfinite_gradient_is_reported_as_divergence_not_as_unseen_use(scale):
     assert rel(cap.grad_stats().sq_norm_sum, (per_sample * per_sample).sum()) <= 1e-4
 
 
+def _diverging_rank_worker(rank, world):
+    """Rank 1's step diverges (loss × Inf), rank 0's does not; both paths of VarianceTest."""
+    import warnings
+
+    from local_opt import VarianceTest
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+    gen = torch.Generator().manual_seed(3 + rank)
+    x, y = torch.randn(6, 5, generator=gen), torch.randint(0, 3, (6,), generator=gen)
+    loss_fn = _scaled_ce(float("inf") if rank == 1 else 1.0)
+    out = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vt = VarianceTest(model, loss_fn, backend="hooks")
+        out["separate"] = vt.suggest(x, y, 6)
+        vt = VarianceTest(model, F.cross_entropy)
+        model.zero_grad(set_to_none=True)
+        with vt.capture() as cap:
+            loss_fn(model(x), y).backward()
+        out["capture"] = vt.suggest_from_capture(cap, 6)
+    out["warnings"] = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    out["reason"] = vt.last_stats.get("reason")
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_a_diverging_rank_keeps_the_batch_size_on_every_rank():
+    """One rank's non-finite gradients reach every rank through the pooled statistics: both
+    ranks keep b with the divergence warning (no hang, no rank growing alone), on the separate
+    pass and on the capture."""
+    from dist_utils import run_distributed
+
+    results = run_distributed(_diverging_rank_worker, 2, timeout=100)
+    for r in results:
+        assert r["separate"] == 6 and r["capture"] == 6
+        assert "diverges" in (r["reason"] or "")
+        assert sum("diverges" in m for m in r["warnings"]) == 2, r["warnings"]
+
+
 # ----------------------------------------------------------------------------------------------
 # "auto" when the hooks backend cannot cover a model: vmap or microbatch by cost and memory
 # ----------------------------------------------------------------------------------------------
