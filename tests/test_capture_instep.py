@@ -348,3 +348,68 @@ def test_a_model_the_in_step_path_cannot_follow_says_what_to_do():
         F.cross_entropy(model(x), y).backward()
     with pytest.raises(RuntimeError, match=r"in-step path has no fallback; use test\.suggest"):
         vt.suggest_from_capture(cap, 8)
+
+
+class _LateExtraUse(nn.Module):
+    """A Linear whose weight is also used outside the layer once ``extra`` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.extra = False
+
+    def forward(self, x):
+        out = self.fc(x)
+        return out + self.fc.weight.sum(1) if self.extra else out  # per class: not a no-op
+
+
+def test_capture_checks_the_first_step_and_every_16th_and_finiteness_on_all():
+    """The accounting check runs on the first capture per model and modes and on every 16th
+    after it (GradFingerprints installed), not in between; a use of a parameter the hooks do not
+    see that starts later is caught at the next re-check; a diverging step is reported on a
+    capture without the check too, with NaN statistics."""
+    from local_opt.backends.hooks.capture import _RECHECK_EVERY
+    from local_opt.backends.hooks.check import NonFiniteGradient, UnaccountedGradient
+
+    torch.manual_seed(0)
+    model = _LateExtraUse()
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+
+    def capture(loss_scale=1.0):
+        model.zero_grad(set_to_none=True)
+        with StatsCapture(model, inner_products=False) as cap:
+            (F.cross_entropy(model(x), y) * loss_scale).backward()
+        return cap
+
+    checked = []
+    for _ in range(_RECHECK_EVERY + 1):
+        cap = capture()
+        checked.append(cap._fingerprints is not None)
+        cap.grad_stats()
+    assert checked == [True] + [False] * (_RECHECK_EVERY - 1) + [True]
+    # exact on an unchecked capture
+    cap = capture()
+    assert cap._fingerprints is None
+    ref = per_sample_loop(model, F.cross_entropy, x, y)
+    assert rel(cap.grad_stats().sq_norm_sum, (ref * ref).sum()) <= 1e-5
+    # divergence without the check: Inf, and a finite gradient whose norm overflows float32
+    for scale in (float("inf"), 1e30):
+        cap = capture(scale)
+        assert cap._fingerprints is None
+        with pytest.raises(NonFiniteGradient, match="not finite") as err:
+            cap.grad_stats()
+        assert "fc.weight" in err.value.names and torch.isnan(err.value.stats.sq_norm_sum)
+    # an unseen use that starts later: unnoticed until the next re-check, which names it; from
+    # then on every capture is checked (and raises) until one passes
+    model.extra = True
+    raised = []
+    for _ in range(_RECHECK_EVERY):
+        cap = capture()
+        try:
+            cap.grad_stats()
+            raised.append(False)
+        except UnaccountedGradient as e:
+            raised.append(True)
+            assert cap._fingerprints is not None and "fc.weight" in e.names
+    first = raised.index(True)  # 3 captures since the last check above: 12 more to go
+    assert first == _RECHECK_EVERY - 4 and all(raised[first:])
