@@ -368,7 +368,7 @@ def test_capture_checks_the_first_step_and_every_16th_and_finiteness_on_all():
     after it (GradFingerprints installed), not in between; a use of a parameter the hooks do not
     see that starts later is caught at the next re-check; a diverging step is reported on a
     capture without the check too, with NaN statistics."""
-    from local_opt.backends.hooks.capture import _RECHECK_EVERY
+    from local_opt.backends.hooks.check import CAPTURE_RECHECK_EVERY as _RECHECK_EVERY
     from local_opt.backends.hooks.check import NonFiniteGradient, UnaccountedGradient
 
     torch.manual_seed(0)

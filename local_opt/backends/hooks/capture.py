@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
@@ -26,8 +25,9 @@ from local_opt.backends.hooks.check import (
     GradFingerprints,
     NonFiniteGradient,
     UnaccountedGradient,
-    _key,
-    _names,
+    _raise_nonfinite,
+    capture_check_due,
+    mark_capture_checked,
     mark_checked,
     needs_check,
     unaccounted,
@@ -55,15 +55,6 @@ Inputs = Union[Tensor, Sequence[Tensor]]
 DEFAULT_KEEP_BYTES = 2**30
 _MODES = ("auto", "ghost", "keep", "stream")
 _LOW = (torch.float16, torch.bfloat16)
-
-
-# Models whose captures were checked (:class:`GradFingerprints`): the parameters and module modes,
-# and the captures since the last check. A capture re-checks every ``_RECHECK_EVERY`` captures
-# of a model (every step for a model whose parameters or modes change): the check is two tensor
-# ops per parameter inside the backward and five after it: measured ~40 % of a step of timm
-# test_vit at 32 px, b = 16 (a fixed cost per parameter, small against a step at 224 px).
-_CAPTURE_CHECKED: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
-_RECHECK_EVERY = 16
 
 
 def _split_inputs(inputs: Inputs) -> tuple[Tensor, ...]:
@@ -487,13 +478,9 @@ class StatsCapture:
                 self._validating = False
         sites = self._sites
         self._checked = [p for s in sites for p in s.params.values()]
-        key = _key(model, self._checked, None)
-        seen = _CAPTURE_CHECKED.get(model)
-        if seen is None or seen[0] != key or seen[1] + 1 >= _RECHECK_EVERY:
+        self._check_key = capture_check_due(model, self._checked)
+        if self._check_key is not None:
             self._fingerprints = GradFingerprints(self._checked)
-            self._check_key = key
-        else:
-            seen[1] += 1
         before = set(model._forward_pre_hooks)
         for s in sites:
             if eligible(s):
@@ -705,7 +692,8 @@ class StatsCapture:
                 raise
             if bad:
                 raise UnaccountedGradient(bad)
-            _CAPTURE_CHECKED[self.model] = [self._check_key, 0]
+            assert self._check_key is not None
+            mark_capture_checked(self.model, self._check_key)
         else:
             _raise_if_nonfinite(self.model, params, stats)
         return stats
@@ -720,12 +708,13 @@ def _raise_if_nonfinite(model: nn.Module, params: list[nn.Parameter], stats: Gra
     norms = torch._foreach_norm(stats.grad_sum)
     dev = stats.sq_norm_sum.device
     table = torch.stack([t.to(dev, torch.float64) for t in norms] + [stats.sq_norm_sum]).tolist()
-    if all(map(math.isfinite, table)):
-        return
-    bad = [p for p, v in zip(params, table) if not math.isfinite(v)] or params
-    error = NonFiniteGradient(_names(model, bad), bad[0].dtype)
-    error.stats = _nan_stats(stats)
-    raise error
+    *rows, sq = table
+    try:
+        _raise_nonfinite(model, params, [(v,) for v in rows])
+        _raise_nonfinite(model, params, [(sq,)] * len(params))  # no sum is: all of them
+    except NonFiniteGradient as e:
+        e.stats = _nan_stats(stats)
+        raise
 
 
 def _nan_stats(stats: GradStats) -> GradStats:
