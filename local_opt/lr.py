@@ -444,9 +444,13 @@ class SampleLR(LambdaLR):
             if not is_int(samples) or samples < 0:
                 raise ValueError(f"Invalid samples: {samples!r} (expected an int >= 0)")
             self.samples_seen += int(samples)
-        with warnings.catch_warnings():  # either order of sched.step(n) and opt.step() is fine
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-            super().step()
+        if self._step_count == 1:
+            # torch warns once if the schedule steps before the optimizer; either order is fine
+            # here. Mark the optimizer as stepped (the flag only feeds that warning) rather than
+            # filter the warning: a change of the warning filters resets every "once per
+            # location" registry, and the user's warnings would be shown again after each step.
+            self.optimizer._opt_called = True  # type: ignore[attr-defined]
+        super().step()
 
     def get_lr(self) -> list[float | Tensor]:  # type: ignore[override]
         p = self.progress

@@ -63,8 +63,9 @@ _EMA_KEYS = ("variance", "direction_variance", "orthogonal_variance", "sq_norm")
 _SQ_NORM_FLOOR = 0.01
 # Why a statistic is not finite, nearly always: said with the reason to keep the batch size.
 _DIVERGES = (
-    ": the gradients hold an Inf or a NaN or overflow, the training diverges (lower the "
-    "learning rate, clip the gradients or add a warm-up)"
+    ": the gradients hold an Inf or a NaN or overflow. With fp16 and a GradScaler this is an "
+    "overflow the scaler skips (it lowers the scale; nothing to do); otherwise the training "
+    "diverges (lower the learning rate, clip the gradients or add a warm-up)"
 )
 
 
@@ -317,8 +318,8 @@ class VarianceTest:
             sums (``count``, ``unit_size``, ``world_size``, ``mean_sq_norm``, ``sq_norm_sum``,
             ``inner_sum``, ``inner_sq_sum``), the three variances, the real-valued
             ``raw_norm``, ``raw_inner_product``, ``raw_orthogonality``, ``raw_augmented`` and the
-            chosen test's ``raw`` (NaN for the inner-product statistics when ``test="norm"``
-            with the ``"vmap"`` backend, which skips them), plus ``test``, ``backend``,
+            chosen test's ``raw`` (NaN for the inner-product statistics when ``test="norm"``:
+            the ``"vmap"`` and ``"hooks"`` backends and the capture skip them), plus ``test``, ``backend``,
             ``round``, ``rank``, ``batch_size`` (given), ``suggested`` (returned), ``ran`` (False
             on skipped rounds) and ``reason`` (why the batch size was kept, or None). The raw
             ``raw_*`` are the published one-round formulas with either policy; ``raw`` is what
@@ -600,7 +601,7 @@ class VarianceTest:
         if self._short_calls >= 2:
             self._warn_once(
                 "batch_mismatch",
-                f"VarianceTest.suggest: got {samples} samples for batch_size={batch_size} on two "
+                f"VarianceTest: got {samples} samples for batch_size={batch_size} on two "
                 "calls in a row. The variance is estimated from the samples given (with "
                 "BatchNorm in training mode: the variance of a batch of that size), while "
                 "batch_size is the per-worker batch size the suggestion starts from "
@@ -827,6 +828,7 @@ class VarianceTest:
         """
         if not active:
             return contextlib.nullcontext()
+        _checks.check_trainable(self.model)
         return StatsCapture(
             backends.stack.unwrap(self.model),
             grad_scale=grad_scale,
@@ -852,6 +854,12 @@ class VarianceTest:
             raise TypeError(
                 f"Invalid capture: expected a StatsCapture, got {type(capture).__name__}"
             )
+        if backends.stack.unwrap(capture.model) is not backends.stack.unwrap(self.model):
+            raise ValueError(
+                f"Invalid capture: it was taken on a {type(capture.model).__name__}, not on this "
+                "VarianceTest's model (make it with this test's capture())"
+            )
+        _checks.check_trainable(self.model)
         if self.test != "norm" and not capture.inner_products:
             raise ValueError(
                 f"Invalid capture: it kept no inner products, which test={self.test!r} needs "
@@ -869,6 +877,7 @@ class VarianceTest:
                 "test.suggest(x, y, batch_size) after opt.step() instead: it probes the model "
                 "and falls back to an exact backend with a warning"
             ) from e
+        self._check_batch(stats.count, batch_size)
         skipped = self._skip(batch_size)
         if skipped is not None:
             return self._track(batch_size, skipped)
@@ -945,7 +954,13 @@ class VarianceTest:
         self.last_stats = info
         g2 = pooled.mean_sq_norm
         if pooled.count < 2:
-            return self._keep(batch_size, f"fewer than two gradient units pooled ({pooled.count})")
+            return self._keep(
+                batch_size,
+                f"fewer than two gradient units pooled ({pooled.count}): a variance needs two "
+                "or more (samples, micro-batches or workers). With accumulate() on one worker, "
+                "use a micro_batch_size below the batch size, or take the statistics with "
+                "capture() or suggest()",
+            )
         if not math.isfinite(g2):
             return self._keep(batch_size, f"non-finite mean gradient norm ({g2}){_DIVERGES}")
         if g2 == 0.0:

@@ -37,6 +37,62 @@ def test_a_model_without_trainable_parameters(backend):
         vt.record_micro_batches(4)
 
 
+def test_the_in_step_path_refuses_a_frozen_model_and_another_models_capture():
+    """Found as a new user: suggest_from_capture on a frozen model failed with an IndexError
+    deep in the pooling, and a capture of another model was used without a word."""
+    x, y = data()
+    m = model()
+    vt = VarianceTest(m, F.cross_entropy)
+    with vt.capture() as cap:  # taken while the model was trainable
+        F.cross_entropy(m(x), y).backward()
+    m.requires_grad_(False)
+    with pytest.raises(ValueError, match="Invalid model: Sequential has no trainable parameters"):
+        vt.capture()
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        vt.suggest_from_capture(cap, 16)
+    m.requires_grad_(True)
+    other = model()
+    with VarianceTest(other, F.cross_entropy).capture() as foreign:
+        F.cross_entropy(other(x), y).backward()
+    with pytest.raises(ValueError, match=r"Invalid capture: it was taken on a Sequential, not on "
+                                         r"this VarianceTest's model"):
+        vt.suggest_from_capture(foreign, 16)
+    assert 1 <= vt.suggest_from_capture(cap, 16)
+
+
+def test_captures_smaller_than_batch_size_are_explained_when_they_recur():
+    x, y = data(32)
+    m = model()
+    vt = VarianceTest(m, F.cross_entropy)
+
+    def capture(n):
+        with vt.capture() as cap:
+            F.cross_entropy(m(x[:n]), y[:n]).backward()
+        return cap
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one short batch: an epoch's last batch, no warning
+        vt.suggest_from_capture(capture(8), 32)
+    with pytest.warns(RuntimeWarning, match="got 8 samples for batch_size=32 on two calls in a "
+                                            "row.*Pass the batch the step trained on"):
+        vt.suggest_from_capture(capture(8), 32)
+
+
+def test_one_unit_says_what_to_do():
+    """One worker and one micro-batch: no variance to estimate; the warning names the remedies."""
+    x, y = data()
+    m = model()
+    opt = LocalOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), sync_every=1)
+    vt = VarianceTest(m, F.cross_entropy)
+    acc = vt.accumulate(opt, (x, y), 16)
+    for (xs, ys), w in acc:
+        (F.cross_entropy(m(xs), ys) * w).backward()
+    opt.step()
+    with pytest.warns(RuntimeWarning, match=r"fewer than two gradient units pooled \(1\).*use a "
+                                            r"micro_batch_size below the batch size"):
+        assert acc.suggest(16) == 16
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_non_scalar_loss(backend):
     vt = VarianceTest(model(), lambda o, t: F.cross_entropy(o, t, reduction="none"),

@@ -394,6 +394,26 @@ def test_sample_lr_state_dict_and_either_order():
     assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
 
 
+def test_sample_lr_leaves_once_per_location_warnings_alone():
+    """Found as a new user: ``SampleLR.step`` changed the warning filters on every call, which
+    resets Python's "once per location" registries, so that every warning of the program (the
+    user's own, VarianceTest's) was shown again after each step."""
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = SampleLR(opt, warmup_cosine(0.2), total_samples=100)
+
+    def warn_once():
+        warnings.warn("shown once per location", UserWarning, stacklevel=2)
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")  # Python's default action: once per location
+        for _ in range(4):
+            warn_once()
+            sched.step(10)  # before opt.step(): no order warning either
+            opt.step()
+    assert [str(w.message) for w in seen] == ["shown once per location"]
+
+
 # ------------------------------------------------------------------ DoublingBatchSize
 
 
