@@ -54,7 +54,9 @@ class LocalOptimizer(Optimizer):
     ``Optimizer.step#LocalOptimizer.step`` record. (Global hooks from
     ``register_optimizer_step_pre_hook`` run for the wrapper and for the wrapped optimizer.)
     Without torch.distributed initialized, or with a group of one rank, ``step`` is bit-for-bit
-    the wrapped optimizer's (rounds are still counted, nothing is communicated).
+    the wrapped optimizer's (rounds are still counted, nothing is communicated); with an
+    ``outer_optimizer`` its outer step still runs each round, on the one worker's
+    pseudo-gradient (DiLoCo with :math:`M = 1`).
 
     Args:
         optimizer (Optimizer): the local (inner) optimizer, already built on the model's
@@ -238,7 +240,7 @@ class LocalOptimizer(Optimizer):
         if not isinstance(overlap, bool):
             raise ValueError(f"Invalid overlap: {overlap!r} (expected a bool)")
         if overlap and on_nonfinite == "skip":
-            raise RuntimeError(
+            raise ValueError(
                 "Invalid on_nonfinite: 'skip' is not supported with overlap=True (a round "
                 "applies the previous round's mean, which cannot be skipped without losing "
                 "the ranks' progress); use on_nonfinite='raise'"
@@ -698,6 +700,8 @@ class LocalOptimizer(Optimizer):
             if result is not None:
                 state_dict = dict(result)
         own = state_dict.pop("local_opt", None)
+        if own is not None:
+            self._check_own(own)  # before anything is loaded
         self.optimizer.load_state_dict(state_dict)
         if own is None:
             warnings.warn(
@@ -710,6 +714,24 @@ class LocalOptimizer(Optimizer):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
+    def _check_own(self, own: dict[str, Any]) -> None:
+        """Refuse a state saved with another outer optimizer set-up, compression or overlap, in
+        either direction: the global copy, an in-flight mean and the residuals belong to them."""
+        if "outer" in own and self._outer is None:
+            raise ValueError(
+                "state_dict was saved with an outer optimizer, but this LocalOptimizer has none "
+                "(pass the same outer_optimizer= to resume)"
+            )
+        if self._outer is not None and "outer" not in own:
+            raise ValueError("state_dict has no outer optimizer state, but this one has one")
+        saved = (own.get("compression"), bool(own.get("overlap", False)))
+        if saved != (self.compression, self.overlap):
+            raise ValueError(
+                f"state_dict was saved with compression={saved[0]!r}, overlap={saved[1]!r}; this "
+                f"LocalOptimizer has compression={self.compression!r}, overlap={self.overlap!r} "
+                "(build it with the saved ones to resume)"
+            )
+
     def _load_own(self, own: dict[str, Any]) -> None:
         self.sync_every = own["sync_every"]
         self.warmup_steps = int(own.get("warmup_steps", self.warmup_steps))
@@ -719,21 +741,11 @@ class LocalOptimizer(Optimizer):
         self._synced = own["synced"]
         self._bytes = own["bytes_communicated"]
         if self._outer is not None:
-            if "outer" not in own:
-                raise ValueError("state_dict has no outer optimizer state, but this one has one")
             with torch.no_grad():
                 for g, saved in zip(self._global, own["global_params"]):
                     g.copy_(saved)
             self._outer.load_state_dict(own["outer"])
         if self._delta_mode:
-            if own.get("compression", None) != self.compression or own.get("overlap") != (
-                self.overlap
-            ):
-                raise ValueError(
-                    f"state_dict was saved with compression={own.get('compression')!r}, "
-                    f"overlap={own.get('overlap')!r}; this LocalOptimizer has "
-                    f"compression={self.compression!r}, overlap={self.overlap!r}"
-                )
             with torch.no_grad():
                 if "anchor" in own:
                     for a, saved in zip(self._anchor, own["anchor"]):
