@@ -851,8 +851,14 @@ class VarianceTest:
         """
         batch_size = _check_batch_size(batch_size)
         if not isinstance(capture, StatsCapture):
+            why = (
+                " (capture(active=False) yields None: ask for a suggestion only after a step "
+                "whose capture was active, e.g. when opt.synced)"
+                if capture is None
+                else ""
+            )
             raise TypeError(
-                f"Invalid capture: expected a StatsCapture, got {type(capture).__name__}"
+                f"Invalid capture: expected a StatsCapture, got {type(capture).__name__}{why}"
             )
         if backends.stack.unwrap(capture.model) is not backends.stack.unwrap(self.model):
             raise ValueError(

@@ -58,6 +58,10 @@ def test_the_in_step_path_refuses_a_frozen_model_and_another_models_capture():
                                          r"this VarianceTest's model"):
         vt.suggest_from_capture(foreign, 16)
     assert 1 <= vt.suggest_from_capture(cap, 16)
+    with vt.capture(active=False) as none:
+        F.cross_entropy(m(x), y).backward()
+    with pytest.raises(TypeError, match=r"got NoneType \(capture\(active=False\) yields None"):
+        vt.suggest_from_capture(none, 16)
 
 
 def test_captures_smaller_than_batch_size_are_explained_when_they_recur():
