@@ -6,6 +6,7 @@ import contextlib
 import math
 import numbers
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -487,6 +488,8 @@ class VarianceTest:
         self._workspace = Workspace()  # record_micro_batches' buffers, reused between steps
         self._warned: set[str] = set()  # one-time warnings already given
         self._short_calls = 0  # suggest calls in a row with fewer samples than batch_size
+        # the capture last suggested from, and its block: one step's statistics count once
+        self._used_capture: tuple[weakref.ref, int] | None = None
         _checks.warn_if_not_initialized("VarianceTest", process_group)
         # Learning-rate coupling (local_opt/lr.py): b0 and the batch size last returned.
         if base_batch_size is not None and (not is_int(base_batch_size) or base_batch_size < 1):
@@ -866,6 +869,13 @@ class VarianceTest:
                 "VarianceTest's model (make it with this test's capture())"
             )
         _checks.check_trainable(self.model)
+        used = self._used_capture
+        if used is not None and used[0]() is capture and used[1] == capture._blocks:
+            raise RuntimeError(
+                "VarianceTest.suggest_from_capture: this capture's step was already used for a "
+                "suggestion (its round would count twice in the moving averages); take a new "
+                "capture on the next round's last step"
+            )
         if self.test != "norm" and not capture.inner_products:
             raise ValueError(
                 f"Invalid capture: it kept no inner products, which test={self.test!r} needs "
@@ -883,6 +893,7 @@ class VarianceTest:
                 "test.suggest(x, y, batch_size) after opt.step() instead: it probes the model "
                 "and falls back to an exact backend with a warning"
             ) from e
+        self._used_capture = (weakref.ref(capture), capture._blocks)
         self._check_batch(stats.count, batch_size)
         skipped = self._skip(batch_size)
         if skipped is not None:

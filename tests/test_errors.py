@@ -64,6 +64,29 @@ def test_the_in_step_path_refuses_a_frozen_model_and_another_models_capture():
         vt.suggest_from_capture(none, 16)
 
 
+def test_one_steps_capture_counts_once():
+    """Found as a new user: the same capture handed over twice counted its round twice in the
+    moving averages. A StatsCapture entered again (a new step) is a new capture."""
+    from local_opt import StatsCapture
+
+    x, y = data()
+    m = model()
+    vt = VarianceTest(m, F.cross_entropy)
+    with vt.capture() as cap:
+        F.cross_entropy(m(x), y).backward()
+    vt.suggest_from_capture(cap, 16)
+    calls = vt.state_dict()["calls"]
+    with pytest.raises(RuntimeError, match="this capture's step was already used"):
+        vt.suggest_from_capture(cap, 16)
+    assert vt.state_dict()["calls"] == calls
+    reused = StatsCapture(m, inner_products=False)
+    for _ in range(2):
+        with reused:
+            F.cross_entropy(m(x), y).backward()
+        vt.suggest_from_capture(reused, 16)
+    assert vt.state_dict()["calls"] == calls + 2
+
+
 def test_captures_smaller_than_batch_size_are_explained_when_they_recur():
     x, y = data(32)
     m = model()

@@ -401,6 +401,7 @@ class StatsCapture:
         self._checked: list[nn.Parameter] = []
         self._fingerprints: GradFingerprints | None = None
         self._check_key: tuple | None = None  # what a passing check marks as checked
+        self._blocks = 0  # ``with`` blocks entered: which step the statistics are of
         self._reset()
 
     def _reset(self) -> None:
@@ -423,6 +424,7 @@ class StatsCapture:
                 f"The hooks backend does not cover {', '.join(missing)}; use the vmap or "
                 "micro-batch backend"
             )
+        self._blocks += 1
         self._sites, self._bare, self._forwards, self._bare_grads = sites, bare, 0, {}
         self._checked, self._fingerprints, self._installed = [], None, False
         self._reset()
