@@ -320,9 +320,9 @@ class VarianceTest:
             ``inner_sum``, ``inner_sq_sum``), the three variances, the real-valued
             ``raw_norm``, ``raw_inner_product``, ``raw_orthogonality``, ``raw_augmented`` and the
             chosen test's ``raw`` (NaN for the inner-product statistics when ``test="norm"``:
-            the ``"vmap"`` and ``"hooks"`` backends and the capture skip them), plus ``test``, ``backend``,
-            ``round``, ``rank``, ``batch_size`` (given), ``suggested`` (returned), ``ran`` (False
-            on skipped rounds) and ``reason`` (why the batch size was kept, or None). The raw
+            the ``"vmap"`` and ``"hooks"`` backends and the capture skip them), plus ``test``,
+            ``backend``, ``round``, ``rank``, ``batch_size`` (given), ``suggested`` (returned),
+            ``ran`` (False on skipped rounds) and ``reason`` (why the batch size was kept, or None). The raw
             ``raw_*`` are the published one-round formulas with either policy; ``raw`` is what
             the decision used: with ``policy="smoothed"`` the test's ``smoothed_*`` value, next
             to ``sq_norm_debiased`` (this round), ``smoothed_variance``, ``smoothed_sq_norm``,
