@@ -103,8 +103,9 @@ class LocalOptimizer(Optimizer):
             about 3.9x fewer bytes); see the note on compressed rounds (default: None, the fp32
             average of the parameters).
         overlap (bool): one-round-delayed averaging: a round's all-reduce runs in the background
-            during the next ``sync_every`` local steps; see the note on overlapped rounds
-            (default: False).
+            during the next ``sync_every`` local steps; see the note on overlapped rounds. With
+            an ``outer_optimizer`` the outer step then lags a round: lower its momentum
+            (docs/network.md measures 0.9 against 0.5) (default: False).
 
     Example::
 
